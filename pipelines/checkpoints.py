@@ -1,0 +1,146 @@
+"""Checkpoints of one unit's run: upload with a digest manifest, verify, restore, prune.
+
+A Trainer checkpoint folder ``checkpoint-<step>`` is uploaded to ``checkpoints/checkpoint-<step>/``
+of the unit's run, its files first and ``manifest.json`` (sha256 of every file, step, fingerprint)
+last, so a copy without a manifest, or whose files do not match it, is torn and never used.
+The run's ``checkpoint`` tag names the latest verified copy.  Only the latest and the best copies
+are kept; all are deleted once the unit has finished and its final model is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipelines import faults
+from pipelines.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+ROOT = "checkpoints"
+MANIFEST = "manifest.json"
+TAG = "checkpoint"
+EPOCH_TAG = "checkpoint_epoch"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _step(name: str) -> int:
+    try:
+        return int(name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+class CheckpointStore:
+    """The checkpoints of one unit run in the artifact store."""
+
+    def __init__(self, tracker: Tracker, run_id: str, fingerprint: str):
+        self.tracker, self.run_id, self.fingerprint = tracker, run_id, fingerprint
+
+    def commit(self, local_dir: Path, epoch: float, best_dir: str | None = None) -> str:
+        """Upload ``local_dir`` (a Trainer checkpoint), then prune all but it and ``best_dir``."""
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        manifest = {
+            "step": _step(local_dir.name),
+            "fingerprint": self.fingerprint,
+            "files": {str(p.relative_to(local_dir)): _sha256(p) for p in files},
+        }
+        target = f"{ROOT}/{local_dir.name}"
+        for i, path in enumerate(files):
+            self.tracker.upload(self.run_id, path, str(Path(target, path.relative_to(local_dir).parent)))
+            if i == 0:
+                faults.failpoint("checkpoint_upload")
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest_path = Path(tmp, MANIFEST)
+            manifest_path.write_text(json.dumps(manifest, indent=1))
+            self.tracker.upload(self.run_id, manifest_path, target)  # last: it marks the copy complete
+        self.tracker.set_tags(self.run_id, {TAG: target, EPOCH_TAG: f"{epoch:g}"})
+        logger.info("checkpoint uploaded run=%s path=%s files=%d", self.run_id, target, len(files))
+        keep = {local_dir.name, Path(best_dir).name if best_dir else None}
+        for name in self._names():
+            if name not in keep:
+                self.tracker.delete_artifacts(self.run_id, f"{ROOT}/{name}")
+        faults.failpoint("checkpoint_committed")
+        return target
+
+    def restore(self, dst: Path) -> Path | None:
+        """Download the newest verified checkpoint (and the best one it refers to) into ``dst``."""
+        names = sorted(self._names(), key=_step, reverse=True)
+        for name in names:
+            local = self._fetch(name, dst)
+            if local is None:
+                continue
+            self._restore_best(local, dst)
+            return local
+        if names:
+            logger.warning("no usable checkpoint among %s for run %s: the unit starts over", names, self.run_id)
+        return None
+
+    def clear(self) -> None:
+        """Delete every checkpoint of the run (the unit has finished)."""
+        if self._names():
+            self.tracker.delete_artifacts(self.run_id, ROOT)
+        for tag in (TAG, EPOCH_TAG):
+            self.tracker.delete_tag(self.run_id, tag)
+
+    def _names(self) -> list[str]:
+        return [Path(p).name for p in self.tracker.list_artifacts(self.run_id, ROOT)]
+
+    def _fetch(self, name: str, dst: Path) -> Path | None:
+        local = dst / name
+        shutil.rmtree(local, ignore_errors=True)
+        try:
+            self.tracker.download(self.run_id, f"{ROOT}/{name}", dst)
+        except Exception as exc:  # noqa: BLE001 - any failure to fetch means the copy is unusable
+            logger.warning("checkpoint %s of run %s could not be downloaded (%s); trying an older one", name,
+                           self.run_id, exc)
+            return None
+        problem = _verify(local, self.fingerprint)
+        if problem:
+            logger.warning("checkpoint %s of run %s is unusable (%s); trying an older one", name, self.run_id, problem)
+            shutil.rmtree(local, ignore_errors=True)
+            return None
+        (local / MANIFEST).unlink()
+        return local
+
+    def _restore_best(self, latest: Path, dst: Path) -> None:
+        """Point trainer_state.json's best checkpoint at a local, verified copy (or drop it)."""
+        state_path = latest / "trainer_state.json"
+        state = json.loads(state_path.read_text())
+        best = state.get("best_model_checkpoint")
+        if not best:
+            return
+        best_name = Path(best).name
+        local_best = latest if best_name == latest.name else self._fetch(best_name, dst)
+        if local_best is None:
+            logger.warning("best checkpoint %s of run %s is unusable; the final model will be the last one",
+                           best_name, self.run_id)
+        state["best_model_checkpoint"] = str(local_best) if local_best else None
+        state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def _verify(local: Path, fingerprint: str) -> str | None:
+    manifest_path = local / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest: the upload did not finish"
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("fingerprint") != fingerprint:
+        return f"it belongs to settings {manifest.get('fingerprint')}, not {fingerprint}"
+    for rel, digest in manifest["files"].items():
+        path = local / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if _sha256(path) != digest:
+            return f"{rel} does not match its digest"
+    return None

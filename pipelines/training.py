@@ -1,0 +1,180 @@
+"""One fine-tuning run of a sequence classifier on the transformers Trainer, tracked and resumable.
+
+MLflow metrics, checkpoint upload and the kill-test failpoint are Trainer callbacks; early
+stopping is the built-in ``EarlyStoppingCallback``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from pipelines import faults
+from pipelines.checkpoints import CheckpointStore
+from pipelines.config import StageConfig
+from pipelines.models import ModelSource
+from pipelines.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]  # accuracy, f1_macro, loss on the validation rows; epochs trained
+    predictions: pd.DataFrame  # row_id, label, predicted, prob_<class>... for the validation rows
+
+
+class TextDataset(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, texts: list[str], label_ids: list[int], max_length: int):
+        self.encodings = tokenizer(texts, truncation=True, max_length=max_length)
+        self.label_ids = label_ids
+
+    def __len__(self) -> int:
+        return len(self.label_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {key: values[i] for key, values in self.encodings.items()}
+        item["labels"] = self.label_ids[i]
+        return item
+
+
+class MlflowMetrics(TrainerCallback):
+    """Trainer logs -> MLflow metrics of the unit run; steps already logged before a crash are skipped."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+        self.logged = tracker.logged_steps(run_id)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        step = state.global_step
+        metrics = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float)) and k != "total_flos"}
+        if state.epoch is not None:
+            metrics["epoch"] = state.epoch
+        fresh = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+        self.tracker.log_metrics(self.run_id, fresh, step=step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        faults.failpoint("train_step")
+
+
+class UploadCheckpoints(TrainerCallback):
+    """Each Trainer save -> a verified copy in the artifact store (latest and best kept)."""
+
+    def __init__(self, store: CheckpointStore):
+        self.store = store
+
+    def on_save(self, args, state, control, **kwargs):
+        local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self.store.commit(local, state.epoch, state.best_model_checkpoint)
+
+
+def _compute_metrics(eval_pred) -> dict[str, float]:
+    logits, labels = eval_pred
+    predicted = np.argmax(logits, axis=-1)
+    return {"accuracy": accuracy_score(labels, predicted), "f1_macro": f1_score(labels, predicted, average="macro")}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def fit(
+    cfg: StageConfig,
+    model: ModelSource,
+    labels: list[str],
+    train: pd.DataFrame,
+    valid: pd.DataFrame,
+    tracker: Tracker,
+    run_id: str,
+    store: CheckpointStore,
+    work_dir: Path,
+) -> FitResult:
+    """Train on ``train``, evaluate every epoch (or ``save_steps``) on ``valid``; resume from ``store``."""
+    output_dir = work_dir / "trainer"
+    checkpoint = store.restore(output_dir)
+    set_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    network = AutoModelForSequenceClassification.from_pretrained(
+        model.path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+    )
+    strategy = "steps" if cfg.save_steps else "epoch"
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type=cfg.scheduler_type,
+        max_grad_norm=cfg.max_grad_norm,
+        label_smoothing_factor=cfg.label_smoothing,
+        seed=cfg.seed,
+        eval_strategy=strategy,
+        save_strategy=strategy,
+        eval_steps=cfg.save_steps or None,
+        save_steps=cfg.save_steps or None,
+        save_total_limit=2,
+        logging_steps=cfg.logging_steps,
+        load_best_model_at_end=cfg.early_stopping_patience > 0,
+        metric_for_best_model=f"eval_{cfg.metric}",
+        greater_is_better=cfg.metric != "loss",
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    callbacks = [MlflowMetrics(tracker, run_id), UploadCheckpoints(store)]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    trainer = Trainer(
+        model=network,
+        args=args,
+        train_dataset=TextDataset(tokenizer, train["text"].tolist(), train["label_id"].tolist(), cfg.max_length),
+        eval_dataset=TextDataset(tokenizer, valid["text"].tolist(), valid["label_id"].tolist(), cfg.max_length),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=_compute_metrics,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    output = trainer.predict(trainer.eval_dataset)
+    probabilities = _softmax(output.predictions)
+    predicted = probabilities.argmax(axis=-1)
+    predictions = pd.DataFrame({"row_id": valid["row_id"].to_numpy(), "label": valid["label"].to_numpy(),
+                                "predicted": [labels[i] for i in predicted]})
+    for i, name in enumerate(labels):
+        predictions[f"prob_{name}"] = probabilities[:, i]
+    metrics = {
+        "accuracy": accuracy_score(valid["label_id"], predicted),
+        "f1_macro": f1_score(valid["label_id"], predicted, average="macro"),
+        "loss": output.metrics["test_loss"],
+        "epochs_trained": trainer.state.epoch,
+    }
+    model_dir = work_dir / "model"
+    trainer.save_model(str(model_dir))  # weights, config and tokenizer; no optimizer state
+    tracker.upload(run_id, model_dir, "model")
+    return FitResult(metrics=metrics, predictions=predictions)

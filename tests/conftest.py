@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny BERT classifier built in-process, small real data, and a runner for entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DATA = ROOT / "data" / "fortunes_4class.csv"
+
+
+def make_tiny_data(path: Path, per_class: int = 40) -> Path:
+    """``per_class`` rows of each of 3 classes of the bundled demo data."""
+    frame = pd.read_csv(DEMO_DATA)
+    frame = frame[frame["label"].isin(["computers", "politics", "science"])]
+    frame.groupby("label").head(per_class).reset_index(drop=True).to_csv(path, index=False)
+    return path
+
+
+def make_tiny_model(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece vocabulary trained on the demo data."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tokenizer.train_from_iterator(pd.read_csv(DEMO_DATA)["text"].tolist(), trainer=trainer)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_tiny_data(tmp_path_factory.mktemp("data") / "tiny.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def store(tmp_path) -> dict[str, str]:
+    """Environment for a subprocess using a fresh SQLite tracking store (artifacts beside it)."""
+    env = dict(os.environ)
+    env.update({
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PIPELINES_LOG_LEVEL": "INFO",
+    })
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "PIPELINES_FAILPOINT"):
+        env.pop(key, None)
+    return env
+
+
+def entrypoint(name: str, args: dict, env: dict, cwd: Path, **popen) -> list[str]:
+    """Command line for ``entrypoints/<name>.py`` with ``--key value`` arguments."""
+    cmd = [sys.executable, str(ROOT / "entrypoints" / f"{name}.py")]
+    for key, value in args.items():
+        cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def run_entrypoint(name: str, args: dict, env: dict, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(entrypoint(name, args, env, cwd), env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
