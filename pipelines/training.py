@@ -55,7 +55,7 @@ class TextDataset(torch.utils.data.Dataset):
 
 
 class MlflowMetrics(TrainerCallback):
-    """Trainer logs -> MLflow metrics of the unit run; steps already logged before a crash are skipped."""
+    """Trainer logs -> MLflow metrics of the unit run; a (key, step) is logged once, even across a resume."""
 
     def __init__(self, tracker: Tracker, run_id: str):
         self.tracker, self.run_id = tracker, run_id
@@ -68,6 +68,7 @@ class MlflowMetrics(TrainerCallback):
             metrics["epoch"] = state.epoch
         fresh = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
         self.tracker.log_metrics(self.run_id, fresh, step=step)
+        self.logged.update(dict.fromkeys(fresh, step))
 
     def on_step_end(self, args, state, control, **kwargs):
         faults.failpoint("train_step")

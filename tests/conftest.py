@@ -24,17 +24,21 @@ def make_tiny_data(path: Path, per_class: int = 40) -> Path:
 
 def make_tiny_model(folder: Path) -> Path:
     """A 2-layer, 32-wide BERT with a WordPiece vocabulary trained on the demo data."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tokenizer.train_from_iterator(pd.read_csv(DEMO_DATA)["text"].tolist(), trainer=trainer)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(pd.read_csv(DEMO_DATA)["text"].tolist(),
+                                  trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
     config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     BertForSequenceClassification(config).save_pretrained(folder)
@@ -53,10 +57,15 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def store(tmp_path) -> dict[str, str]:
-    """Environment for a subprocess using a fresh SQLite tracking store (artifacts beside it)."""
+    """Environment for a subprocess using a fresh SQLite tracking store in ``tmp_path``."""
+    return store_env(tmp_path)
+
+
+def store_env(folder: Path) -> dict[str, str]:
+    """Environment for a subprocess run in ``folder``: SQLite store there, artifacts in its mlruns/."""
     env = dict(os.environ)
     env.update({
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "TOKENIZERS_PARALLELISM": "false",
         "PIPELINES_LOG_LEVEL": "INFO",

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_ARTIFACT = "config.json"
 PREDICTIONS_ARTIFACT = "predictions.csv"
+UNIT_METRIC_PREFIX = "final_"  # a unit run's result metrics: final_accuracy, final_f1_macro, final_loss, ...
 
 
 class ResumeError(ValueError):
@@ -105,7 +106,7 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
     store = CheckpointStore(ctx.tracker, run_id, ctx.fingerprint)
     with tempfile.TemporaryDirectory(prefix="pipelines-unit-") as work:
         result = fit(ctx.cfg, ctx.model, ctx.data.labels, train, valid, ctx.tracker, run_id, store, Path(work))
-    log_once(ctx.tracker, run_id, result.metrics)
+    log_once(ctx.tracker, run_id, {f"{UNIT_METRIC_PREFIX}{k}": v for k, v in result.metrics.items()})
     upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
     store.clear()
     return result
@@ -117,7 +118,8 @@ def restore_unit(ctx: StageContext, run_id: str) -> FitResult:
         predictions = pd.read_csv(ctx.tracker.download(run_id, PREDICTIONS_ARTIFACT, tmp),
                                   dtype={"label": str, "predicted": str})
     metrics = ctx.tracker.metrics(run_id)
-    return FitResult(metrics={k: metrics[k] for k in ("accuracy", "f1_macro", "loss", "epochs_trained")},
+    return FitResult(metrics={k.removeprefix(UNIT_METRIC_PREFIX): v for k, v in metrics.items()
+                              if k.startswith(UNIT_METRIC_PREFIX)},
                      predictions=predictions)
 
 

@@ -1,0 +1,44 @@
+"""Reading a real tracking store back in tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+
+def client(env: dict) -> MlflowClient:
+    return MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+
+
+def runs(env: dict, experiment: str, filter_string: str = "") -> list:
+    c = client(env)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} was not created"
+    return c.search_runs([exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time ASC"])
+
+
+def parents(env: dict, experiment: str, stage: str) -> list:
+    return runs(env, experiment, f"tags.stage = '{stage}'")
+
+
+def children(env: dict, experiment: str, parent_id: str) -> list:
+    return runs(env, experiment, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def artifact_text(env: dict, run_id: str, path: str, dst: Path) -> str:
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst))
+    return Path(local).read_text()
+
+
+def artifact_frame(env: dict, run_id: str, path: str, dst: Path) -> pd.DataFrame:
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst)))
+
+
+def metric_steps(env: dict, run_id: str) -> dict[str, list[int]]:
+    c = client(env)
+    return {k: [m.step for m in c.get_metric_history(run_id, k)] for k in c.get_run(run_id).data.metrics}
