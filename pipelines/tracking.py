@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -118,7 +118,7 @@ class Tracker:
         launcher = self._launcher_run()
         if launcher is not None:
             run_id = launcher
-            self.client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in tags.items()])
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         else:
             run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{stage}").info.run_id
         self._open.append(run_id)
@@ -169,7 +169,7 @@ class Tracker:
             self.client.log_batch(run_id, params=new[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        timestamp = mlflow.utils.time.get_current_time_millis()
+        timestamp = int(time.time() * 1000)
         batch = [Metric(k, float(v), timestamp, step) for k, v in metrics.items()]
         if batch:
             self.client.log_batch(run_id, metrics=batch)
@@ -219,11 +219,3 @@ def download_model(uri: str, dst: str | Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except mlflow.exceptions.MlflowException as exc:
         raise FileNotFoundError(f"model {uri} could not be downloaded: {exc.message}") from None
-
-
-def scratch_dir(prefix: str) -> Iterator[str]:
-    """A temporary working folder (a cache only: state lives in the tracking and artifact stores)."""
-    return tempfile.TemporaryDirectory(prefix=f"pipelines-{prefix}-")
-
-
-RUN_STATUSES = RunStatus

@@ -70,6 +70,9 @@ class MlflowMetrics(TrainerCallback):
         self.tracker.log_metrics(self.run_id, fresh, step=step)
         self.logged.update(dict.fromkeys(fresh, step))
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        logger.info("training starts at step %d of %d run=%s", state.global_step, state.max_steps, self.run_id)
+
     def on_step_end(self, args, state, control, **kwargs):
         faults.failpoint("train_step")
 

@@ -9,7 +9,6 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import entrypoint, run_entrypoint, store_env
 from helpers import artifact_text, children, metric_steps, parents
 
