@@ -72,6 +72,10 @@ class StageConfig:
     )
     resume: bool = setting(False, "Continue the newest run of this stage with the same settings.", result=False)
     resume_from: str = setting("", "Run id of a parent run to continue explicitly.", result=False)
+    params_from: str = setting(
+        "", "Optuna parent run id (or 'latest' in the experiment) whose best parameters replace these settings.",
+        result=False,  # the parameters it brings are in the fingerprint
+    )
 
     def __post_init__(self) -> None:
         positive = ["epochs", "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
@@ -214,3 +218,53 @@ def _load_yaml(path: Path, fields: dict[str, dataclasses.Field]) -> dict[str, An
     if unknown:
         raise ConfigError(f"config_file {path} names unknown settings {unknown}; known: {', '.join(fields)}")
     return loaded
+
+
+TUNABLE = ("learning_rate", "weight_decay", "batch_size", "gradient_accumulation_steps", "warmup_ratio", "epochs",
+           "max_length", "scheduler_type", "max_grad_norm", "label_smoothing", "early_stopping_patience")
+DEFAULT_SEARCH_SPACE = (
+    "{learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}, "
+    "weight_decay: {type: float, low: 0.0, high: 0.1}, "
+    "warmup_ratio: {type: float, low: 0.0, high: 0.2, step: 0.05}}"
+)
+DEFAULT_OPTUNA_STORAGE = "sqlite:///mlruns/optuna.db"
+
+
+@dataclass
+class OptunaConfig(KFoldConfig, TrainConfig):
+    """`optuna`: hyperparameter search; each trial a child run, resumable per trial, fold and epoch."""
+
+    n_trials: int = setting(20, "Total number of finished (complete or pruned) trials the study should have.",
+                            result=False)
+    timeout: int = setting(0, "Stop starting new trials after this many seconds; 0 means no limit.", result=False)
+    search_space: str = setting(DEFAULT_SEARCH_SPACE, "YAML file, or inline YAML, mapping settings to distributions.",
+                                result=False)  # its parsed content is in the fingerprint
+    objective: str = setting("holdout", "holdout: validation split; cv: mean over k_folds folds.",
+                             choices=("holdout", "cv"))
+    direction: str = setting("auto", "maximize, minimize, or auto (minimize for metric=loss).",
+                             choices=("auto", "maximize", "minimize"))
+    sampler: str = setting("tpe", "Optuna sampler.", choices=("tpe", "random", "grid"))
+    pruner: str = setting("median", "Optuna pruner (per epoch for holdout, per fold for cv).",
+                          choices=("median", "hyperband", "none"))
+    optuna_storage: str = setting(DEFAULT_OPTUNA_STORAGE, "Optuna RDB storage URL.", result=False)
+    study_name: str = setting("", "Optuna study name; empty derives it from experiment and fingerprint.",
+                              result=False)
+    heartbeat_interval: int = setting(10, "Seconds between a running trial's heartbeats.", result=False)
+    grace_period: int = setting(30, "Seconds without heartbeat after which another worker retries a trial.",
+                                result=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_trials < 0 or self.timeout < 0:
+            raise ConfigError("n_trials and timeout must be zero or positive")
+        if self.grace_period <= self.heartbeat_interval or self.heartbeat_interval <= 0:
+            raise ConfigError(f"grace_period={self.grace_period} must exceed heartbeat_interval="
+                              f"{self.heartbeat_interval} > 0")
+
+    def tunable(self) -> tuple[str, ...]:
+        return TUNABLE
+
+    def optimization_direction(self) -> str:
+        if self.direction != "auto":
+            return self.direction
+        return "minimize" if self.metric == "loss" else "maximize"

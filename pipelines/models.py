@@ -57,7 +57,8 @@ def _locate(name: str, cache_dir: Path) -> str:
     if local.is_dir():
         return str(local.resolve())
     if name.startswith(("/", "./", "../", "~")) or local.exists():
-        raise ModelError(f"model path {name} is not a folder; pass model=<folder with config.json> or a hub id")
+        raise ModelError(f"model path {name} does not exist or is not a folder; pass model=<a local folder with "
+                         "config.json and tokenizer files>, a hub id, runs:/<run_id>/<path> or models:/<name>@<alias>")
     package = OFFLINE_COPIES.get(name)
     if package and importlib.util.find_spec(package):
         path = importlib.import_module(package).get_model_path()

@@ -62,6 +62,7 @@ class Tracker:
         mlflow.set_tracking_uri(tracking_uri())
         self.client = MlflowClient()
         self.experiment_id = self._experiment(experiment_name)
+        self.experiment_name = self.client.get_experiment(self.experiment_id).name
         self._open: list[str] = []
 
     def _experiment(self, name: str) -> str:
@@ -140,7 +141,7 @@ class Tracker:
     def child_runs(self, parent_id: str, unit_key: str) -> dict[str, Any]:
         """Child runs of ``parent_id`` by the value of their ``unit_key`` tag (a FINISHED one wins)."""
         runs = self.client.search_runs(
-            [self.experiment_id],
+            [self._experiment_of(parent_id)],
             filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
             order_by=["attributes.start_time ASC"],
         )
@@ -155,9 +156,13 @@ class Tracker:
 
     def start_child(self, parent_id: str, name: str, tags: dict[str, str]) -> str:
         tags = {MLFLOW_PARENT_RUN_ID: parent_id, **tags}
-        run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=name).info.run_id
+        run_id = self.client.create_run(self._experiment_of(parent_id), tags=tags, run_name=name).info.run_id
         self._open.append(run_id)
         return run_id
+
+    def _experiment_of(self, run_id: str) -> str:
+        """Children live in their parent's experiment (which a resume_from may have brought from elsewhere)."""
+        return self.client.get_run(run_id).info.experiment_id
 
     # ------------------------------------------------------------ data
 

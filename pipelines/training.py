@@ -110,6 +110,8 @@ def fit(
     run_id: str,
     store: CheckpointStore,
     work_dir: Path,
+    callbacks: list[TrainerCallback] | None = None,
+    save_model: bool = True,
 ) -> FitResult:
     """Train on ``train``, evaluate every epoch (or ``save_steps``) on ``valid``; resume from ``store``."""
     output_dir = work_dir / "trainer"
@@ -150,7 +152,7 @@ def fit(
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    callbacks = [MlflowMetrics(tracker, run_id), UploadCheckpoints(store)]
+    callbacks = [MlflowMetrics(tracker, run_id), UploadCheckpoints(store), *(callbacks or [])]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = Trainer(
@@ -178,7 +180,8 @@ def fit(
         "loss": output.metrics["test_loss"],
         "epochs_trained": trainer.state.epoch,
     }
-    model_dir = work_dir / "model"
-    trainer.save_model(str(model_dir))  # weights, config and tokenizer; no optimizer state
-    tracker.upload(run_id, model_dir, "model")
+    if save_model:
+        model_dir = work_dir / "model"
+        trainer.save_model(str(model_dir))  # weights, config and tokenizer; no optimizer state
+        tracker.upload(run_id, model_dir, "model")
     return FitResult(metrics=metrics, predictions=predictions)

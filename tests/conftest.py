@@ -86,3 +86,36 @@ def entrypoint(name: str, args: dict, env: dict, cwd: Path, **popen) -> list[str
 def run_entrypoint(name: str, args: dict, env: dict, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(entrypoint(name, args, env, cwd), env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A real PostgreSQL server on 127.0.0.1 (Debian's binaries), for the session."""
+    import glob
+    import shutil
+    import socket
+
+    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not bindirs:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    bindir = Path(bindirs[-1])
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="pipelines-pg-"))  # in /tmp: the postgres user must reach it
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(folder, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = folder / "data"
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w",
+                    "-o", f"-p {port} -h 127.0.0.1 -k {folder}", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -27,7 +27,7 @@ CASES = {
                                                + "좋아요,pos\n싫어요,neg\n".encode("cp949"))},
                   ["cp949.csv is not UTF-8", "iconv"]),
     "unknown model path": (lambda d, m: {"model": d.parent / "no-such-model"},
-                           ["no-such-model", "could not be loaded", "Pass model=<a local folder"]),
+                           ["no-such-model does not exist", "pass model=<a local folder"]),
     "k_folds too large": (lambda d, m: {"k_folds": 41}, ["k_folds=41 is larger than the smallest class",
                                                            "lower k_folds to at most 40"]),
     "bad setting": (lambda d, m: {"scheduler_type": "triangle"}, ["scheduler_type='triangle' is not one of"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_ARTIFACT = "config.json"
 PREDICTIONS_ARTIFACT = "predictions.csv"
+BEST_PARAMS_ARTIFACT = "best_params.json"
 UNIT_METRIC_PREFIX = "final_"  # a unit run's result metrics: final_accuracy, final_f1_macro, final_loss, ...
 
 
@@ -40,12 +42,23 @@ class StageContext:
     inputs: dict  # fingerprint inputs
     fingerprint: str
     parent_id: str = ""
-    resumed: bool = False
+    resumed_status: str = ""  # status of the parent run before this invocation re-attached to it
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.resumed_status)
 
 
-def open_stage(stage: str, cfg: StageConfig, data: Dataset, model: ModelSource, tracker: Tracker) -> StageContext:
-    """Start a new parent run or re-attach to one, following the resume contract (DESIGN.md section 3)."""
-    inputs = {"stage": stage, **cfg.result_settings(), "data_digest": data.digest, "model_digest": model.digest}
+def open_stage(stage: str, cfg: StageConfig, data: Dataset, model: ModelSource, tracker: Tracker,
+               extra_inputs: dict | None = None) -> StageContext:
+    """Start a new parent run or re-attach to one, following the resume contract (DESIGN.md section 3).
+
+    ``extra_inputs`` are further result-affecting values for the fingerprint (e.g. a parsed search space).
+    """
+    if cfg.params_from:
+        cfg = _with_best_params(cfg, tracker)
+    inputs = {"stage": stage, **cfg.result_settings(), "data_digest": data.digest, "model_digest": model.digest,
+              **(extra_inputs or {})}
     ctx = StageContext(stage, cfg, data, model, tracker, inputs, fingerprint(inputs))
     previous = tracker.parent_runs(stage)
     same = [run for run in previous if run.data.tags.get("fingerprint") == ctx.fingerprint]
@@ -67,11 +80,12 @@ def open_stage(stage: str, cfg: StageConfig, data: Dataset, model: ModelSource, 
             run = unfinished[0]
             logger.warning("an unfinished %s run %s with the same settings exists (status %s); pass resume=true "
                            "to continue it. Starting a new run.", stage, run.info.run_id, run.info.status)
-        ctx.parent_id = tracker.start_parent(stage, ctx.fingerprint, {"data_digest": data.digest})
+        tags = {"data_digest": data.digest, **({"params_source": cfg.params_from} if cfg.params_from else {})}
+        ctx.parent_id = tracker.start_parent(stage, ctx.fingerprint, tags)
         _record_config(ctx)
         logger.info("started %s run %s fingerprint=%s", stage, ctx.parent_id, ctx.fingerprint)
         return ctx
-    ctx.parent_id, ctx.resumed = parent.info.run_id, True
+    ctx.parent_id, ctx.resumed_status = parent.info.run_id, parent.info.status
     if parent.info.status == "RUNNING":
         logger.warning("run %s is marked RUNNING: its process crashed or was killed without cleanup", ctx.parent_id)
     tracker.reopen(ctx.parent_id)
@@ -79,11 +93,29 @@ def open_stage(stage: str, cfg: StageConfig, data: Dataset, model: ModelSource, 
     return ctx
 
 
+def _with_best_params(cfg: StageConfig, tracker: Tracker) -> StageConfig:
+    """``cfg`` with the best parameters of the optuna run ``cfg.params_from`` (``latest``: newest finished)."""
+    source = cfg.params_from
+    if source == "latest":
+        runs = [r for r in tracker.parent_runs("optuna") if r.info.status == "FINISHED"]
+        if not runs:
+            raise LookupError("params_from=latest: no finished optuna run in this experiment; run -e optuna first")
+        source = runs[0].info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            params = json.loads(tracker.download(source, BEST_PARAMS_ARTIFACT, tmp).read_text())
+        except Exception as exc:  # noqa: BLE001 - missing run or artifact
+            raise LookupError(f"params_from={cfg.params_from}: run {source} has no {BEST_PARAMS_ARTIFACT} ({exc}); "
+                              "pass the id of a finished optuna run") from None
+    logger.info("params_from=%s: using best parameters of optuna run %s: %s", cfg.params_from, source, params)
+    return dataclasses.replace(cfg, params_from=source, **params)
+
+
 def _record_config(ctx: StageContext) -> None:
     ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_dict(), "data_digest": ctx.data.digest,
                                            "model_digest": ctx.model.digest, "fingerprint": ctx.fingerprint})
     record = {"settings": ctx.cfg.to_dict(), "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
-    _upload_json(ctx.tracker, ctx.parent_id, CONFIG_ARTIFACT, record)
+    upload_json(ctx.tracker, ctx.parent_id, CONFIG_ARTIFACT, record)
 
 
 def _refuse_if_different(ctx: StageContext, run) -> None:
@@ -101,11 +133,13 @@ def _refuse_if_different(ctx: StageContext, run) -> None:
     )
 
 
-def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.DataFrame) -> FitResult:
+def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.DataFrame, callbacks: list = (),
+             save_model: bool = True) -> FitResult:
     """Train one unit in run ``run_id`` (continuing from its checkpoint) and log its results."""
     store = CheckpointStore(ctx.tracker, run_id, ctx.fingerprint)
     with tempfile.TemporaryDirectory(prefix="pipelines-unit-") as work:
-        result = fit(ctx.cfg, ctx.model, ctx.data.labels, train, valid, ctx.tracker, run_id, store, Path(work))
+        result = fit(ctx.cfg, ctx.model, ctx.data.labels, train, valid, ctx.tracker, run_id, store, Path(work),
+                     callbacks=list(callbacks), save_model=save_model)
     log_once(ctx.tracker, run_id, {f"{UNIT_METRIC_PREFIX}{k}": v for k, v in result.metrics.items()})
     upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
     store.clear()
@@ -135,7 +169,7 @@ def upload_frame(tracker: Tracker, run_id: str, name: str, frame: pd.DataFrame) 
         tracker.upload(run_id, Path(tmp, name))
 
 
-def _upload_json(tracker: Tracker, run_id: str, name: str, payload: dict) -> None:
+def upload_json(tracker: Tracker, run_id: str, name: str, payload: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, name).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
         tracker.upload(run_id, Path(tmp, name))

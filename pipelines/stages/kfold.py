@@ -15,6 +15,7 @@ from pipelines.data import fold_plan, load_dataset
 from pipelines.models import resolve_model
 from pipelines.stages.common import StageContext, fit_unit, log_once, open_stage, restore_unit, upload_frame
 from pipelines.tracking import Tracker
+from pipelines.training import FitResult
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +28,7 @@ def run(cfg: KFoldConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_model(cfg.model, Path(cache))
         ctx = open_stage("kfold", cfg, data, model, tracker)
-        runs = tracker.child_runs(ctx.parent_id, "fold")
-        if ctx.resumed:
-            logger.info(_resume_summary(ctx, runs))
-        results = []
-        for fold, valid_positions in enumerate(tqdm(folds, desc="folds", unit="fold")):
-            results.append(_fold(ctx, fold, valid_positions, runs.get(str(fold))))
-
+        results, _ = cross_validate(ctx, folds)
         oof = pd.concat([r.predictions.assign(fold=i) for i, r in enumerate(results)]).sort_values("row_id")
         oof = oof[["row_id", "fold", "label", "predicted", *[c for c in oof if c.startswith("prob_")]]]
         upload_frame(tracker, ctx.parent_id, OOF_ARTIFACT, oof)
@@ -45,12 +40,30 @@ def run(cfg: KFoldConfig) -> dict[str, float]:
     return summary
 
 
-def _fold(ctx: StageContext, fold: int, valid_positions: np.ndarray, run):
+def cross_validate(ctx: StageContext, folds: list[np.ndarray], after_fold=None,
+                   save_model: bool = True) -> tuple[list[FitResult], bool]:
+    """Run or restore each fold as a child run of ``ctx.parent_id``.
+
+    ``after_fold(fold, results_so_far)`` may return True to stop early (pruning); the second
+    return value says whether it did.
+    """
+    runs = ctx.tracker.child_runs(ctx.parent_id, "fold")
+    if ctx.resumed:
+        logger.info(_resume_summary(ctx, runs, len(folds)))
+    results = []
+    for fold, valid_positions in enumerate(tqdm(folds, desc="folds", unit="fold")):
+        results.append(_fold(ctx, fold, len(folds), valid_positions, runs.get(str(fold)), save_model))
+        if after_fold is not None and after_fold(fold, results):
+            return results, True
+    return results, False
+
+
+def _fold(ctx: StageContext, fold: int, k: int, valid_positions: np.ndarray, run, save_model: bool) -> FitResult:
     """Restore a finished fold, or train it (continuing an unfinished fold's run and checkpoint)."""
     if run is not None and run.info.status == "FINISHED":
         return restore_unit(ctx, run.info.run_id)
     if run is None:
-        run_id = ctx.tracker.start_child(ctx.parent_id, f"fold-{fold}", {"fold": str(fold), "stage": "kfold-fold"})
+        run_id = ctx.tracker.start_child(ctx.parent_id, f"fold-{fold}", {"fold": str(fold)})
     else:
         run_id = run.info.run_id
         ctx.tracker.reopen(run_id)
@@ -58,9 +71,9 @@ def _fold(ctx: StageContext, fold: int, valid_positions: np.ndarray, run):
     frame = ctx.data.frame
     is_valid = np.zeros(len(frame), dtype=bool)
     is_valid[valid_positions] = True
-    logger.info("fold %d/%d: %d train rows, %d validation rows, run %s", fold + 1, ctx.cfg.k_folds,
+    logger.info("fold %d/%d: %d train rows, %d validation rows, run %s", fold + 1, k,
                 (~is_valid).sum(), is_valid.sum(), run_id)
-    result = fit_unit(ctx, run_id, frame[~is_valid], frame[is_valid])
+    result = fit_unit(ctx, run_id, frame[~is_valid], frame[is_valid], save_model=save_model)
     ctx.tracker.finish(run_id)
     return result
 
@@ -75,7 +88,7 @@ def _summary(fold_metrics: list[dict[str, float]]) -> dict[str, float]:
     return summary
 
 
-def _resume_summary(ctx: StageContext, runs: dict) -> str:
+def _resume_summary(ctx: StageContext, runs: dict, k: int) -> str:
     finished = sorted(int(f) for f, r in runs.items() if r.info.status == "FINISHED")
     parts = [f"folds {','.join(map(str, finished))} finished" if finished else "no fold finished"]
     for fold, run in sorted(runs.items(), key=lambda kv: int(kv[0])):
@@ -84,5 +97,5 @@ def _resume_summary(ctx: StageContext, runs: dict) -> str:
             epoch = run.data.tags.get("checkpoint_epoch")
             parts.append(f"fold {fold} from epoch {epoch} checkpoint ({checkpoint})" if checkpoint
                          else f"fold {fold} starts over (no checkpoint)")
-    parts.append(f"{ctx.cfg.k_folds - len(finished)} folds to go")
-    return f"resuming kfold run {ctx.parent_id}: " + ", ".join(parts)
+    parts.append(f"{k - len(finished)} folds to go")
+    return f"resuming {ctx.stage} run {ctx.parent_id}: " + ", ".join(parts)

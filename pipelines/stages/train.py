@@ -24,15 +24,15 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_model(cfg.model, Path(cache))
         ctx = open_stage("train", cfg, data, model, tracker)
-        parent = tracker.get_run(ctx.parent_id)
-        if ctx.resumed and parent.info.status == "FINISHED":
+        if ctx.resumed_status == "FINISHED":
             logger.info("train run %s already finished: nothing to do", ctx.parent_id)
             result = restore_unit(ctx, ctx.parent_id)
         else:
             if ctx.resumed:
-                checkpoint = parent.data.tags.get("checkpoint")
+                tags = tracker.get_run(ctx.parent_id).data.tags
+                checkpoint = tags.get("checkpoint")
                 logger.info("resuming train run %s from %s", ctx.parent_id,
-                            f"epoch {parent.data.tags.get('checkpoint_epoch')} checkpoint ({checkpoint})"
+                            f"epoch {tags.get('checkpoint_epoch')} checkpoint ({checkpoint})"
                             if checkpoint else "the start (no checkpoint)")
             frame = data.frame
             result = fit_unit(ctx, ctx.parent_id, frame[~is_valid], frame[is_valid])
