@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from pipelines import faults
@@ -50,6 +51,7 @@ class CheckpointStore:
 
     def commit(self, local_dir: Path, epoch: float, best_dir: str | None = None) -> str:
         """Upload ``local_dir`` (a Trainer checkpoint), then prune all but it and ``best_dir``."""
+        started = time.perf_counter()
         files = sorted(p for p in local_dir.rglob("*") if p.is_file())
         manifest = {
             "step": _step(local_dir.name),
@@ -66,7 +68,8 @@ class CheckpointStore:
             manifest_path.write_text(json.dumps(manifest, indent=1))
             self.tracker.upload(self.run_id, manifest_path, target)  # last: it marks the copy complete
         self.tracker.set_tags(self.run_id, {TAG: target, EPOCH_TAG: f"{epoch:g}"})
-        logger.info("checkpoint uploaded run=%s path=%s files=%d", self.run_id, target, len(files))
+        logger.info("checkpoint uploaded run=%s path=%s files=%d seconds=%.2f", self.run_id, target, len(files),
+                    time.perf_counter() - started)
         keep = {local_dir.name, Path(best_dir).name if best_dir else None}
         for name in self._names():
             if name not in keep:
