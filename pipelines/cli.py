@@ -7,17 +7,14 @@ import os
 import sys
 from typing import Callable
 
-from pipelines.config import ConfigError, StageConfig, parse_config
-from pipelines.data import DataError
-from pipelines.models import ModelError
-from pipelines.stages.common import ResumeError
+from pipelines.config import Settings, UserError, parse_config
 from pipelines.tracking import Interrupted, install_signal_handlers
 
-USER_ERRORS = (ConfigError, DataError, ModelError, ResumeError, LookupError)
+USER_ERRORS = (UserError, LookupError)
 logger = logging.getLogger("pipelines")
 
 
-def main(config_cls: type[StageConfig], stage: Callable[[StageConfig], object], argv: list[str] | None = None) -> None:
+def main(config_cls: type[Settings], stage: Callable[[Settings], object], argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("PIPELINES_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

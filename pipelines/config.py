@@ -25,7 +25,11 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 METRICS = ("f1_macro", "accuracy", "loss")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from the user: reported as one clear message (exit code 2), never a traceback."""
+
+
+class ConfigError(UserError):
     """A setting is invalid; the message names it and says what to do."""
 
 
@@ -34,9 +38,29 @@ def setting(default: Any, help: str, *, result: bool = True, choices: tuple | No
     return field(default=default, metadata={"help": help, "result": result, "choices": choices})
 
 
+class Settings:
+    """Behaviour shared by every stage's settings: choice checks, fingerprint inputs, a plain dict."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change results (the fingerprint's inputs, besides data and model digests)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["result"]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class StageConfig:
+class StageConfig(Settings):
     """Settings shared by every training stage."""
+
+    POSITIVE = ("epochs", "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
+                "max_length", "max_grad_norm", "logging_steps")
 
     data: str = setting(DEFAULT_DATA, "CSV, JSONL or Parquet file with the examples.", result=False)
     text_column: str = setting("text", "Column holding the input text.")
@@ -78,28 +102,16 @@ class StageConfig:
     )
 
     def __post_init__(self) -> None:
-        positive = ["epochs", "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
-                    "max_length", "max_grad_norm", "logging_steps"]
-        for name in positive:
+        super().__post_init__()
+        for name in self.POSITIVE:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
-        for name in ["max_samples", "early_stopping_patience", "save_steps", "weight_decay"]:
+        for name in ["max_samples", "early_stopping_patience", "save_steps", "weight_decay", "epochs"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be zero or positive")
         for name in ["warmup_ratio", "label_smoothing"]:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
-
-    def result_settings(self) -> dict[str, Any]:
-        """The settings that change results (the fingerprint's inputs, besides data and model digests)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["result"]}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -141,7 +153,7 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- parsing
 
 
-def _convert(name: str, raw: Any, target: Any) -> Any:
+def convert_value(name: str, raw: Any, target: Any) -> Any:
     """Convert a raw string (or YAML scalar) to the type of the field default ``target``."""
     kind = type(target)
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
@@ -175,7 +187,7 @@ def _parse_overrides(text: str) -> dict[str, str]:
     return out
 
 
-def parse_config(cls: type[StageConfig], argv: list[str] | None = None) -> StageConfig:
+def parse_config(cls: type[Settings], argv: list[str] | None = None) -> Settings:
     """Parse command-line arguments into ``cls``; every field is a ``--name`` flag."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     parser = argparse.ArgumentParser(description=cls.__doc__)
@@ -194,14 +206,14 @@ def parse_config(cls: type[StageConfig], argv: list[str] | None = None) -> Stage
     for name, raw in args.items():
         if raw is None:
             continue
-        value = _convert(name, raw, fields[name].default)
+        value = convert_value(name, raw, fields[name].default)
         if value != fields[name].default or name not in values:
             values[name] = value
     for name, raw in overrides.items():
         if name not in fields:
             raise ConfigError(f"--config names unknown setting {name!r}; known: {', '.join(fields)}")
         values[name] = raw
-    converted = {name: _convert(name, raw, fields[name].default) for name, raw in values.items()}
+    converted = {name: convert_value(name, raw, fields[name].default) for name, raw in values.items()}
     return cls(**converted)
 
 
@@ -268,3 +280,60 @@ class OptunaConfig(KFoldConfig, TrainConfig):
         if self.direction != "auto":
             return self.direction
         return "minimize" if self.metric == "loss" else "maximize"
+
+
+@dataclass
+class EnsembleConfig(Settings):
+    """`ensemble`: weighted soft voting over kfold/train runs, registered as one pyfunc model."""
+
+    source_runs: str = setting("", "Comma-separated run ids: a kfold parent (all its folds) or a train run.")
+    weights: str = setting("score", "score: normalised validation metrics; equal; optimized: fitted on OOF.",
+                           choices=("score", "equal", "optimized"))
+    metric: str = setting("f1_macro", "Metric for score weights and the optimized fit.", choices=("f1_macro", "accuracy"))
+    registered_model_name: str = setting("pipelines-ensemble", "Model registry name.")
+    alias: str = setting("champion", "Registry alias pointed at the new version.")
+    skip_missing: bool = setting(False, "Leave out members whose model cannot be loaded (weights renormalised).")
+    eval_batch_size: int = setting(64, "Batch size of the served model.")
+    seed: int = setting(42, "Seed of the optimized-weights search and its held-out split.")
+    experiment_name: str = setting("", "MLflow experiment; empty uses MLFLOW_EXPERIMENT_NAME / _ID or 'Default'.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.source_ids():
+            raise ConfigError("source_runs is empty; pass source_runs=<kfold or train run id>[,<run id>...]")
+
+    def source_ids(self) -> list[str]:
+        return [part.strip() for part in self.source_runs.split(",") if part.strip()]
+
+
+@dataclass
+class RetrainConfig(StageConfig):
+    """`retrain`: one model on all the data with the parameters of an optuna or kfold run."""
+
+    POSITIVE = tuple(name for name in StageConfig.POSITIVE if name != "epochs")
+    epochs: int = setting(0, "Training epochs; 0 takes them from params_from (kfold: mean best epoch over folds).")
+
+
+@dataclass
+class PredictConfig(Settings):
+    """`predict`: batch predictions of a model for a data file, resumable per shard."""
+
+    model_uri: str = setting("", "models:/<name>@<alias>, runs:/<run_id>/<path> or a local model folder.",
+                             result=False)  # the resolved model version or content digest is in the fingerprint
+    data: str = setting(DEFAULT_DATA, "CSV, JSONL or Parquet file with the texts.", result=False)
+    text_column: str = setting("text", "Column holding the input text.")
+    shard_size: int = setting(1000, "Rows per shard; finished shards are not recomputed on resume.")
+    eval_batch_size: int = setting(64, "Batch size of the model.", result=False)
+    max_length: int = setting(128, "Tokens per text for a plain model folder (a pyfunc ensemble has its own).")
+    output: str = setting("", "Also write the predictions to this CSV path.", result=False)
+    experiment_name: str = setting("", "MLflow experiment; empty uses MLFLOW_EXPERIMENT_NAME / _ID or 'Default'.",
+                                   result=False)
+    resume: bool = setting(False, "Continue the newest predict run with the same settings.", result=False)
+    resume_from: str = setting("", "Run id of a predict run to continue explicitly.", result=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model_uri:
+            raise ConfigError("model_uri is empty; pass model_uri=models:/<name>@<alias>, runs:/... or a folder")
+        if self.shard_size <= 0 or self.eval_batch_size <= 0:
+            raise ConfigError("shard_size and eval_batch_size must be positive")

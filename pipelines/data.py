@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from pipelines.config import UserError
+
 logger = logging.getLogger(__name__)
 
 READERS = {
@@ -22,7 +24,7 @@ READERS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The input data cannot be used; the message names the file or column and the fix."""
 
 
@@ -65,7 +67,7 @@ def load_dataset(path: str, text_column: str, label_column: str, max_samples: in
         frame = _stratified_sample(frame, max_samples, seed)
     frame = frame.reset_index(drop=True)
     frame["label_id"] = frame["label"].map({name: i for i, name in enumerate(labels)}).astype(int)
-    return Dataset(frame=frame, labels=labels, digest=_digest(frame))
+    return Dataset(frame=frame, labels=labels, digest=content_digest(frame, ["row_id", "text", "label"]))
 
 
 def read_table(path: str) -> pd.DataFrame:
@@ -99,10 +101,11 @@ def _stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return sample.sort_values("row_id")
 
 
-def _digest(frame: pd.DataFrame) -> str:
+def content_digest(frame: pd.DataFrame, columns: list[str]) -> str:
+    """Short sha256 of the given columns, row by row (tab-separated, one line per row)."""
     h = hashlib.sha256()
-    for row_id, text, label in frame[["row_id", "text", "label"]].itertuples(index=False):
-        h.update(f"{row_id}\t{label}\t{text}\n".encode())
+    for row in frame[columns].itertuples(index=False):
+        h.update(("\t".join(map(str, row)) + "\n").encode())
     return h.hexdigest()[:16]
 
 

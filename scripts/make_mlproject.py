@@ -10,14 +10,26 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines.config import DEFAULT_DATA, KFoldConfig, OptunaConfig, StageConfig, TrainConfig
+from pipelines.config import (
+    DEFAULT_DATA,
+    EnsembleConfig,
+    KFoldConfig,
+    OptunaConfig,
+    PredictConfig,
+    RetrainConfig,
+    Settings,
+    TrainConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # entry point -> (config, script); the optuna script is not optuna.py, which would shadow the package
-ENTRY_POINTS: dict[str, tuple[type[StageConfig], str]] = {
+ENTRY_POINTS: dict[str, tuple[type[Settings], str]] = {
     "train": (TrainConfig, "train.py"),
     "kfold": (KFoldConfig, "kfold.py"),
     "optuna": (OptunaConfig, "optuna_search.py"),
+    "retrain": (RetrainConfig, "retrain.py"),
+    "ensemble": (EnsembleConfig, "ensemble.py"),
+    "predict": (PredictConfig, "predict.py"),
 }
 SKIPPED = {"experiment_name"}  # `mlflow run --experiment-name` sets it
 TYPES = {bool: "string", int: "float", float: "float", str: "string"}

@@ -130,7 +130,7 @@ def test_params_from_feeds_kfold(baseline, tiny_data, tiny_model):
                 params_from="latest")
     proc = run_entrypoint("kfold", args, env, folder)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"using best parameters of optuna run {parent.info.run_id}" in proc.stderr
+    assert f"using parameters of optuna run {parent.info.run_id}" in proc.stderr
     (kfold,) = parents(env, "hpo", "kfold")
     best = json.loads(artifact_text(env, parent.info.run_id, "best_params.json", folder / "bp"))
     assert kfold.data.tags["params_source"] == parent.info.run_id

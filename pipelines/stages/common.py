@@ -9,10 +9,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipelines.checkpoints import CheckpointStore
-from pipelines.config import StageConfig, describe_differences, fingerprint
+from pipelines.config import TUNABLE, StageConfig, UserError, convert_value, describe_differences, fingerprint
 from pipelines.data import Dataset
 from pipelines.models import ModelSource
 from pipelines.tracking import UNFINISHED, Tracker
@@ -26,7 +27,7 @@ BEST_PARAMS_ARTIFACT = "best_params.json"
 UNIT_METRIC_PREFIX = "final_"  # a unit run's result metrics: final_accuracy, final_f1_macro, final_loss, ...
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A resume request cannot be honoured; the message says why and what to run instead."""
 
 
@@ -55,7 +56,7 @@ def open_stage(stage: str, cfg: StageConfig, data: Dataset, model: ModelSource, 
 
     ``extra_inputs`` are further result-affecting values for the fingerprint (e.g. a parsed search space).
     """
-    if cfg.params_from:
+    if getattr(cfg, "params_from", ""):
         cfg = _with_best_params(cfg, tracker)
     inputs = {"stage": stage, **cfg.result_settings(), "data_digest": data.digest, "model_digest": model.digest,
               **(extra_inputs or {})}
@@ -80,7 +81,8 @@ def open_stage(stage: str, cfg: StageConfig, data: Dataset, model: ModelSource, 
             run = unfinished[0]
             logger.warning("an unfinished %s run %s with the same settings exists (status %s); pass resume=true "
                            "to continue it. Starting a new run.", stage, run.info.run_id, run.info.status)
-        tags = {"data_digest": data.digest, **({"params_source": cfg.params_from} if cfg.params_from else {})}
+        source = getattr(cfg, "params_from", "")
+        tags = {"data_digest": data.digest, **({"params_source": source} if source else {})}
         ctx.parent_id = tracker.start_parent(stage, ctx.fingerprint, tags)
         _record_config(ctx)
         logger.info("started %s run %s fingerprint=%s", stage, ctx.parent_id, ctx.fingerprint)
@@ -94,21 +96,35 @@ def open_stage(stage: str, cfg: StageConfig, data: Dataset, model: ModelSource, 
 
 
 def _with_best_params(cfg: StageConfig, tracker: Tracker) -> StageConfig:
-    """``cfg`` with the best parameters of the optuna run ``cfg.params_from`` (``latest``: newest finished)."""
+    """``cfg`` with the parameters of the optuna or kfold run ``cfg.params_from`` (``latest``: newest search).
+
+    From an optuna run: its best parameters. From a kfold run: its tunable settings, and for ``epochs=0``
+    (retrain) the mean best epoch over its folds, rounded to the nearest whole epoch.
+    """
     source = cfg.params_from
     if source == "latest":
         runs = [r for r in tracker.parent_runs("optuna") if r.info.status == "FINISHED"]
         if not runs:
             raise LookupError("params_from=latest: no finished optuna run in this experiment; run -e optuna first")
         source = runs[0].info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            params = json.loads(tracker.download(source, BEST_PARAMS_ARTIFACT, tmp).read_text())
-        except Exception as exc:  # noqa: BLE001 - missing run or artifact
-            raise LookupError(f"params_from={cfg.params_from}: run {source} has no {BEST_PARAMS_ARTIFACT} ({exc}); "
-                              "pass the id of a finished optuna run") from None
-    logger.info("params_from=%s: using best parameters of optuna run %s: %s", cfg.params_from, source, params)
-    return dataclasses.replace(cfg, params_from=source, **params)
+    run = tracker.get_run(source)
+    stage = run.data.tags.get("stage")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    if stage not in ("optuna", "kfold"):
+        raise LookupError(f"params_from={cfg.params_from}: run {source} is a {stage or 'non-stage'} run; pass an "
+                          "optuna or kfold run id (or latest)")
+    settings = {name: convert_value(name, run.data.params[name], defaults[name])
+                for name in TUNABLE if name != "epochs" and name in run.data.params}
+    if stage == "optuna":
+        with tempfile.TemporaryDirectory() as tmp:
+            settings.update(json.loads(tracker.download(source, BEST_PARAMS_ARTIFACT, tmp).read_text()))
+    if not cfg.epochs and "epochs" not in settings:  # retrain's epochs=0: take them from the source
+        folds = [r for r in tracker.child_runs(source, "fold").values() if "final_best_epoch" in r.data.metrics]
+        best = [r.data.metrics["final_best_epoch"] for r in folds]
+        settings["epochs"] = (max(1, round(float(np.mean(best)))) if best
+                              else convert_value("epochs", run.data.params["epochs"], 1))
+    logger.info("params_from=%s: using parameters of %s run %s: %s", cfg.params_from, stage, source, settings)
+    return dataclasses.replace(cfg, params_from=source, **settings)
 
 
 def _record_config(ctx: StageContext) -> None:
@@ -141,7 +157,8 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
         result = fit(ctx.cfg, ctx.model, ctx.data.labels, train, valid, ctx.tracker, run_id, store, Path(work),
                      callbacks=list(callbacks), save_model=save_model)
     log_once(ctx.tracker, run_id, {f"{UNIT_METRIC_PREFIX}{k}": v for k, v in result.metrics.items()})
-    upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
+    if result.predictions is not None:
+        upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
     store.clear()
     return result
 
@@ -163,10 +180,11 @@ def log_once(tracker: Tracker, run_id: str, metrics: dict[str, float]) -> None:
     tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in logged})
 
 
-def upload_frame(tracker: Tracker, run_id: str, name: str, frame: pd.DataFrame) -> None:
+def upload_frame(tracker: Tracker, run_id: str, name: str, frame: pd.DataFrame,
+                 artifact_path: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         frame.to_csv(Path(tmp, name), index=False)
-        tracker.upload(run_id, Path(tmp, name))
+        tracker.upload(run_id, Path(tmp, name), artifact_path)
 
 
 def upload_json(tracker: Tracker, run_id: str, name: str, payload: dict) -> None:

@@ -1,0 +1,8 @@
+"""Entry point `ensemble`: weighted soft voting over kfold/train runs, registered and servable."""
+
+from pipelines.cli import main
+from pipelines.config import EnsembleConfig
+from pipelines.stages import ensemble
+
+if __name__ == "__main__":
+    main(EnsembleConfig, ensemble.run)

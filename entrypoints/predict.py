@@ -1,0 +1,8 @@
+"""Entry point `predict`: batch predictions of a model for a data file, resumable per shard."""
+
+from pipelines.cli import main
+from pipelines.config import PredictConfig
+from pipelines.stages import predict
+
+if __name__ == "__main__":
+    main(PredictConfig, predict.run)

@@ -1,0 +1,43 @@
+"""Batched, weighted soft voting over fine-tuned sequence classifiers (torch only, no tracking)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+
+@dataclass
+class Member:
+    weight: float
+    tokenizer: object
+    model: torch.nn.Module
+    max_length: int
+
+
+def load_member(path: str | Path, weight: float, labels: list[str], max_length: int) -> Member:
+    """Load a classifier saved by `train`/`kfold`; its label order must equal ``labels``."""
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    own = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if own != labels:
+        raise ValueError(f"model {path} predicts labels {own}, the ensemble expects {labels}")
+    return Member(weight=weight, tokenizer=AutoTokenizer.from_pretrained(path), model=model, max_length=max_length)
+
+
+@torch.no_grad()
+def predict_proba(members: list[Member], texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """Weighted average of the members' class probabilities, shape (len(texts), n_classes), float64."""
+    total = None
+    for member in members:
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            batch = member.tokenizer(texts[start:start + batch_size], truncation=True, max_length=member.max_length,
+                                     padding=True, return_tensors="pt")
+            logits = member.model(**batch).logits.double()
+            parts.append(torch.softmax(logits, dim=-1).numpy())
+        probs = np.concatenate(parts) * member.weight
+        total = probs if total is None else total + probs
+    return total / sum(m.weight for m in members)

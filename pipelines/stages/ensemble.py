@@ -1,0 +1,205 @@
+"""`ensemble`: weighted soft voting over kfold/train runs, logged and registered as one pyfunc model.
+
+A *source* is a kfold parent run (all its fold models, averaged equally) or a train run (its one
+model). Vote weights are per source: `equal`, `score` (each source's validation metric, normalised)
+or `optimized` (a point of the probability simplex fitted on the sources' out-of-fold predictions
+to maximise `metric`; reported against `score` and `equal` on rows the fit did not see).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
+
+import pipelines
+from pipelines.config import EnsembleConfig, UserError, fingerprint
+from pipelines.serving import SPEC, EnsembleModel, prediction_frame
+from pipelines.stages.common import PREDICTIONS_ARTIFACT, upload_json
+from pipelines.stages.kfold import OOF_ARTIFACT
+from pipelines.tracking import Tracker, log_pyfunc_model
+
+logger = logging.getLogger(__name__)
+METRICS = {"accuracy": accuracy_score, "f1_macro": lambda y, p: f1_score(y, p, average="macro")}
+
+
+class EnsembleError(UserError):
+    """A source or member cannot be used; the message names it."""
+
+
+@dataclass
+class Source:
+    run_id: str
+    stage: str
+    members: list[str]  # run ids holding a `model/` artifact
+    oof: pd.DataFrame  # row_id, label, prob_<class>...
+    score: float
+    fingerprint: str
+    data_digest: str
+    max_length: int
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.removeprefix("prob_") for c in self.oof.columns if c.startswith("prob_")]
+
+
+def run(cfg: EnsembleConfig) -> dict[str, float]:
+    with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-ens-") as tmp:
+        sources = [_source(tracker, run_id, cfg.metric, Path(tmp)) for run_id in cfg.source_ids()]
+        labels = sources[0].labels
+        for source in sources[1:]:
+            if source.labels != labels:
+                raise EnsembleError(f"source {source.run_id} predicts {source.labels}, {sources[0].run_id} {labels}")
+        rows, y, probs = _align(sources, labels)
+        weights, report = _weights(cfg, sources, probs, y)
+        members = _download_members(tracker, sources, weights, cfg.skip_missing, Path(tmp))
+
+        parent = tracker.start_parent("ensemble", fingerprint({"sources": cfg.source_ids(), "weights": cfg.weights,
+                                                               "metric": cfg.metric}), _lineage(sources))
+        tracker.log_params(parent, {"source_runs": ",".join(s.run_id for s in sources), "weights": cfg.weights,
+                                    "metric": cfg.metric, "oof_rows": len(rows),
+                                    **{f"weight_{s.run_id}": round(w, 6) for s, w in zip(sources, weights)}})
+        ensemble = sum(w * p for w, p in zip(weights, probs))
+        metrics = {**report, **_scores("ensemble", ensemble, y)}
+        for i, p in enumerate(probs):
+            metrics.update(_scores(f"source{i}", p, y))
+        tracker.log_metrics(parent, metrics)
+        version = _register(tracker, parent, cfg, members, labels, Path(tmp))
+        tracker.finish(parent)
+    logger.info("ensemble run %s: %s registered as %s version %s (alias %s)", parent,
+                " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("ensemble_")),
+                cfg.registered_model_name, version, cfg.alias)
+    return metrics
+
+
+def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
+    try:
+        run = tracker.get_run(run_id)
+    except LookupError as exc:
+        raise EnsembleError(f"source run {run_id}: {exc}") from None
+    stage, tags = run.data.tags.get("stage"), run.data.tags
+    if run.info.status != "FINISHED" or stage not in ("kfold", "train"):
+        raise EnsembleError(f"source run {run_id} is a {stage or 'non-stage'} run with status {run.info.status}; "
+                            "pass FINISHED kfold or train runs")
+    if stage == "kfold":
+        members = [r.info.run_id for _, r in sorted(tracker.child_runs(run_id, "fold").items(), key=lambda kv: int(kv[0]))
+                   if r.info.status == "FINISHED"]
+        oof_path, score = OOF_ARTIFACT, run.data.metrics[f"cv_{metric}_mean"]
+    else:
+        members, oof_path, score = [run_id], PREDICTIONS_ARTIFACT, run.data.metrics[f"final_{metric}"]
+    try:
+        oof = pd.read_csv(tracker.download(run_id, oof_path, tmp / run_id), dtype={"label": str})
+    except Exception as exc:  # noqa: BLE001 - missing or unreadable artifact
+        raise EnsembleError(f"source run {run_id} has no readable {oof_path} ({exc})") from None
+    return Source(run_id, stage, members, oof.drop(columns=["fold", "predicted"], errors="ignore"), score,
+                  tags.get("fingerprint", ""), tags.get("data_digest", ""), int(float(run.data.params["max_length"])))
+
+
+def _align(sources: list[Source], labels: list[str]):
+    """Rows predicted out-of-fold by every source: row ids, true label ids, one probability matrix per source."""
+    rows = sorted(set.intersection(*(set(s.oof["row_id"]) for s in sources)))
+    if not rows:
+        raise EnsembleError("the sources share no out-of-fold rows: were they trained on the same data?")
+    frames = [s.oof.set_index("row_id").loc[rows] for s in sources]
+    y = frames[0]["label"].map({name: i for i, name in enumerate(labels)}).to_numpy()
+    return rows, y, [f[[f"prob_{name}" for name in labels]].to_numpy() for f in frames]
+
+
+def _score(metric: str, probs: np.ndarray, y: np.ndarray) -> float:
+    return float(METRICS[metric](y, probs.argmax(axis=1)))
+
+
+def _scores(prefix: str, probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    return {f"{prefix}_{name}": _score(name, probs, y) for name in METRICS}
+
+
+def fit_weights(probs: list[np.ndarray], y: np.ndarray, metric: str, seed: int, samples: int = 2000) -> np.ndarray:
+    """Simplex weights maximising ``metric``: equal, each corner and Dirichlet samples; ties keep the earlier."""
+    n = len(probs)
+    rng = np.random.default_rng(seed)
+    candidates = np.vstack([np.full(n, 1.0 / n), np.eye(n), rng.dirichlet(np.ones(n), size=samples)])
+    values = [_score(metric, sum(w * p for w, p in zip(weights, probs)), y) for weights in candidates]
+    return candidates[int(np.argmax(values))]
+
+
+def _weights(cfg: EnsembleConfig, sources: list[Source], probs: list[np.ndarray], y: np.ndarray):
+    n = len(sources)
+    equal = np.full(n, 1.0 / n)
+    score = np.array([s.score for s in sources])
+    score = score / score.sum() if score.sum() > 0 else equal
+    report = {}
+    if cfg.weights == "optimized":
+        # honest comparison: fit on half the rows, compare all three weightings on the other half
+        fit_rows, held_rows = train_test_split(np.arange(len(y)), test_size=0.5, stratify=y, random_state=cfg.seed)
+        fitted = fit_weights([p[fit_rows] for p in probs], y[fit_rows], cfg.metric, cfg.seed)
+        for name, w in (("optimized", fitted), ("score", score), ("equal", equal)):
+            held = sum(wi * p[held_rows] for wi, p in zip(w, probs))
+            report[f"heldout_{name}_{cfg.metric}"] = _score(cfg.metric, held, y[held_rows])
+        chosen = fit_weights(probs, y, cfg.metric, cfg.seed)
+        report[f"fit_optimized_{cfg.metric}"] = _score(cfg.metric, sum(w * p for w, p in zip(chosen, probs)), y)
+        report[f"fit_equal_{cfg.metric}"] = _score(cfg.metric, sum(w * p for w, p in zip(equal, probs)), y)
+    else:
+        chosen = score if cfg.weights == "score" else equal
+    logger.info("weights=%s: %s", cfg.weights, {s.run_id: round(float(w), 4) for s, w in zip(sources, chosen)})
+    return [float(w) for w in chosen], report
+
+
+def _download_members(tracker: Tracker, sources: list[Source], weights: list[float], skip_missing: bool,
+                      tmp: Path) -> list[dict]:
+    """Member model folders with their vote weight (source weight shared equally among its models)."""
+    members = []
+    for source, weight in zip(sources, weights):
+        if weight == 0:
+            logger.info("source %s has weight 0: its models are left out of the served model", source.run_id)
+            continue
+        found = []
+        for run_id in source.members:
+            try:
+                found.append(tracker.download(run_id, "model", tmp / "members" / run_id))
+            except Exception as exc:  # noqa: BLE001 - any failure means the member is unusable
+                if not skip_missing:
+                    raise EnsembleError(f"member run {run_id} (of source {source.run_id}) has no loadable model/ "
+                                        f"artifact ({exc}); pass skip_missing=true to leave it out") from None
+                logger.warning("member run %s skipped: no model/ artifact (%s)", run_id, exc)
+        members += [{"name": f"member-{len(members) + i}", "run_id": run_id, "path": str(path),
+                     "weight": weight / len(found), "max_length": source.max_length}
+                    for i, (run_id, path) in enumerate(zip(source.members, found))]
+    if not members:
+        raise EnsembleError("no member model could be loaded")
+    total = sum(m["weight"] for m in members)
+    for m in members:  # renormalise when skip_missing dropped a whole source
+        m["weight"] /= total
+    return members
+
+
+def _lineage(sources: list[Source]) -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(pipelines.__file__).parent, text=True,
+                                capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"member_runs": ",".join(m for s in sources for m in s.members),
+            "source_fingerprints": ",".join(s.fingerprint for s in sources),
+            "data_digests": ",".join(sorted({s.data_digest for s in sources})), "code_version": commit}
+
+
+def _register(tracker: Tracker, run_id: str, cfg: EnsembleConfig, members: list[dict], labels: list[str],
+              tmp: Path) -> str:
+    spec = {"labels": labels, "batch_size": cfg.eval_batch_size,
+            "members": [{k: m[k] for k in ("name", "run_id", "weight", "max_length")} for m in members]}
+    upload_json(tracker, run_id, SPEC, spec)
+    spec_path = tmp / SPEC
+    spec_path.write_text(json.dumps(spec, indent=2))
+    example = pd.DataFrame({"text": ["an example sentence", "another one"]})
+    output = prediction_frame(np.full((2, len(labels)), 1.0 / len(labels)), labels)
+    return log_pyfunc_model(run_id, EnsembleModel(), {"spec": str(spec_path), **{m["name"]: m["path"] for m in members}},
+                            example, output, cfg.registered_model_name, cfg.alias,
+                            code_paths=[str(Path(pipelines.__file__).parent)])

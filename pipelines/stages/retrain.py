@@ -1,0 +1,36 @@
+"""`retrain`: one model on all the data with the parameters of an optuna or kfold run; resumable like `train`."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from pipelines.config import ConfigError, RetrainConfig
+from pipelines.data import load_dataset
+from pipelines.models import resolve_model
+from pipelines.stages.common import fit_unit, open_stage
+from pipelines.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+def run(cfg: RetrainConfig) -> dict[str, float]:
+    if not cfg.params_from and not cfg.epochs:
+        raise ConfigError("retrain needs params_from=<optuna or kfold run id|latest> or an explicit epochs=N")
+    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column, cfg.max_samples, cfg.fold_seed)
+    with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
+        model = resolve_model(cfg.model, Path(cache))
+        ctx = open_stage("retrain", cfg, data, model, tracker)
+        if ctx.resumed_status == "FINISHED":
+            logger.info("retrain run %s already finished: nothing to do", ctx.parent_id)
+        else:
+            tags = tracker.get_run(ctx.parent_id).data.tags
+            if ctx.resumed:
+                logger.info("resuming retrain run %s from %s", ctx.parent_id,
+                            f"epoch {tags['checkpoint_epoch']} checkpoint" if "checkpoint" in tags else "the start")
+            logger.info("retrain on all %d rows for %d epochs with %s", len(data), ctx.cfg.epochs,
+                        {k: getattr(ctx.cfg, k) for k in ("learning_rate", "batch_size", "weight_decay")})
+            fit_unit(ctx, ctx.parent_id, data.frame, None)
+        tracker.finish(ctx.parent_id)
+    return {"epochs": ctx.cfg.epochs}
