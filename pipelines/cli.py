@@ -10,7 +10,6 @@ from typing import Callable
 from pipelines.config import Settings, UserError, parse_config
 from pipelines.tracking import Interrupted, install_signal_handlers
 
-USER_ERRORS = (UserError, LookupError)
 logger = logging.getLogger("pipelines")
 
 
@@ -22,7 +21,7 @@ def main(config_cls: type[Settings], stage: Callable[[Settings], object], argv: 
     try:
         cfg = parse_config(config_cls, argv)
         stage(cfg)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         logger.error("%s", exc)
         sys.exit(2)
     except Interrupted as exc:

@@ -29,6 +29,10 @@ class UserError(ValueError):
     """Bad input from the user: reported as one clear message (exit code 2), never a traceback."""
 
 
+class NotFound(UserError, LookupError):
+    """A run, artifact or model named by the user does not exist."""
+
+
 class ConfigError(UserError):
     """A setting is invalid; the message names it and says what to do."""
 

@@ -67,12 +67,17 @@ def _locate(name: str, cache_dir: Path) -> str:
     return name
 
 
-def folder_digest(folder: Path) -> str:
-    """Hash of the files that define the model (weights, config, tokenizer), by name and content."""
+def folder_digest(folder: Path, recursive: bool = False) -> str:
+    """Hash of the files that define a model folder, by name and content.
+
+    By default the top-level weights, config and tokenizer files of a transformers folder;
+    ``recursive=True`` hashes every file below ``folder`` (e.g. a pyfunc model with its members).
+    """
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".txt", ".safetensors",
-                                                                                    ".bin", ".model")):
-        h.update(path.name.encode())
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    wanted = None if recursive else (".json", ".txt", ".safetensors", ".bin", ".model")
+    for path in sorted(p for p in files if p.is_file() and (wanted is None or p.suffix in wanted)):
+        h.update(str(path.relative_to(folder)).encode())
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)

@@ -8,6 +8,7 @@ uninterrupted search proposes, without persisting any sampler state.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
@@ -111,12 +112,25 @@ def grid_of(space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str
 # ------------------------------------------------------------------ sampler
 
 
-def logical_number(trial: FrozenTrial, trials: list[FrozenTrial]) -> int:
-    """Position among original trials; a retry of a crashed trial keeps the original's number."""
+def _root(trial: FrozenTrial) -> int:
+    """Number of the original trial of a retry chain (the trial itself when it is not a retry)."""
     original = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
-    if original is not None:
-        trial = next(t for t in trials if t.number == original)
-    return sum(1 for t in trials if t.number < trial.number and "failed_trial" not in t.system_attrs)
+    return trial.number if original is None else original
+
+
+def dead_roots(trials: list[FrozenTrial]) -> set[int]:
+    """Retry chains whose last attempt failed and was not retried (an exception, or a surplus trial)."""
+    last: dict[int, FrozenTrial] = {}
+    for t in trials:
+        if _root(t) not in last or t.number > last[_root(t)].number:
+            last[_root(t)] = t
+    return {root for root, t in last.items() if t.state == TrialState.FAIL}
+
+
+def logical_number(trial: FrozenTrial, trials: list[FrozenTrial]) -> int:
+    """Position among live retry chains: a retry keeps its original's number; a dead chain frees its number."""
+    root, dead = _root(trial), dead_roots(trials)
+    return sum(1 for t in trials if _root(t) == t.number and t.number < root and t.number not in dead)
 
 
 class ReproducibleSampler(BaseSampler):
@@ -161,7 +175,7 @@ class ReproducibleSampler(BaseSampler):
 @dataclass
 class StudySettings:
     storage: str
-    study_name: str
+    study_name: str  # empty until the stage knows it
     direction: str
     sampler: str
     pruner: str
@@ -223,14 +237,20 @@ def recover_dead_trials(study: optuna.Study, storage: RDBStorage) -> list[int]:
     host = socket.gethostname()
     study_id = storage.get_study_id_from_name(study.study_name)
     recovered = []
+    settle = datetime.timedelta(seconds=storage.get_heartbeat_interval() or 0)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner_host, _, pid = str(trial.user_attrs.get(OWNER_ATTR, "")).rpartition(":")
         if owner_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
+        if trial.datetime_start and datetime.datetime.now() - trial.datetime_start < settle:
+            continue  # a retry just taken by a live worker still carries its dead predecessor's owner
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-            storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(trial_id))
-            recovered.append(trial.number)
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(trial_id))
+                recovered.append(trial.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker recovered it first
     optuna.storages.fail_stale_trials(study)
     return recovered
 

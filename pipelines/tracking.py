@@ -24,6 +24,8 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pipelines.config import NotFound
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -105,7 +107,7 @@ class Tracker:
         try:
             return self.client.get_run(run_id)
         except mlflow.exceptions.MlflowException as exc:
-            raise LookupError(f"run {run_id} not found in {tracking_uri()}: {exc.message}") from None
+            raise NotFound(f"run {run_id} not found in {tracking_uri()}: {exc.message}") from None
 
     def parent_runs(self, stage: str) -> list:
         """Parent runs of ``stage`` in this experiment, newest first."""

@@ -35,6 +35,8 @@ def test_trial_of_a_dead_process_on_this_host_is_requeued_at_once(tmp_path):
     study, storage = study_in(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     trial = running_trial(study, storage, f"{socket.gethostname()}:{int(dead.stdout)}")
+    assert recover_dead_trials(study, storage) == []  # started under a heartbeat interval ago: left alone
+    time.sleep(1.2)
     assert recover_dead_trials(study, storage) == [trial.number]
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.WAITING]
@@ -115,3 +117,22 @@ def test_search_space_file_and_distributions(tmp_path):
     assert space["learning_rate"] == FloatDistribution(1e-5, 1e-3, log=True)
     assert space["epochs"].low == 1 and space["epochs"].high == 3
     assert space["batch_size"].choices == (8, 16)
+
+
+def test_logical_numbers_keep_retries_in_place_and_reuse_numbers_of_failed_trials(tmp_path):
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from pipelines.study import logical_number
+
+    study, storage = study_in(tmp_path)
+    study.tell(study.ask(SPACE), 0.5)  # 0: complete
+    crashed = study.ask(SPACE)  # 1: crashed, retried as 2
+    storage.set_trial_state_values(crashed._trial_id, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(crashed._trial_id))
+    retry = study.ask(SPACE)  # 2: the retry (popped from WAITING)
+    study.tell(retry, 0.4)
+    study.tell(study.ask(SPACE), state=TrialState.FAIL)  # 3: raised an exception, not retried: its number is free
+    fresh = study.ask(SPACE)  # 4
+    trials = study.get_trials(deepcopy=False)
+    assert [logical_number(t, trials) for t in trials] == [0, 1, 1, 2, 2]
+    assert retry.params == crashed.params and fresh.number == 4

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.checkpoints import CheckpointStore
-from pipelines.config import TUNABLE, StageConfig, UserError, convert_value, describe_differences, fingerprint
+from pipelines.config import TUNABLE, NotFound, StageConfig, UserError, convert_value, describe_differences, fingerprint
 from pipelines.data import Dataset
 from pipelines.models import ModelSource
 from pipelines.tracking import UNFINISHED, Tracker
@@ -25,6 +25,7 @@ CONFIG_ARTIFACT = "config.json"
 PREDICTIONS_ARTIFACT = "predictions.csv"
 BEST_PARAMS_ARTIFACT = "best_params.json"
 UNIT_METRIC_PREFIX = "final_"  # a unit run's result metrics: final_accuracy, final_f1_macro, final_loss, ...
+UNIT_DONE_METRIC = f"{UNIT_METRIC_PREFIX}epochs_trained"  # logged by every unit, last
 
 
 class ResumeError(UserError):
@@ -105,13 +106,13 @@ def _with_best_params(cfg: StageConfig, tracker: Tracker) -> StageConfig:
     if source == "latest":
         runs = [r for r in tracker.parent_runs("optuna") if r.info.status == "FINISHED"]
         if not runs:
-            raise LookupError("params_from=latest: no finished optuna run in this experiment; run -e optuna first")
+            raise NotFound("params_from=latest: no finished optuna run in this experiment; run -e optuna first")
         source = runs[0].info.run_id
     run = tracker.get_run(source)
     stage = run.data.tags.get("stage")
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     if stage not in ("optuna", "kfold"):
-        raise LookupError(f"params_from={cfg.params_from}: run {source} is a {stage or 'non-stage'} run; pass an "
+        raise NotFound(f"params_from={cfg.params_from}: run {source} is a {stage or 'non-stage'} run; pass an "
                           "optuna or kfold run id (or latest)")
     settings = {name: convert_value(name, run.data.params[name], defaults[name])
                 for name in TUNABLE if name != "epochs" and name in run.data.params}
@@ -156,18 +157,28 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
     with tempfile.TemporaryDirectory(prefix="pipelines-unit-") as work:
         result = fit(ctx.cfg, ctx.model, ctx.data.labels, train, valid, ctx.tracker, run_id, store, Path(work),
                      callbacks=list(callbacks), save_model=save_model)
-    log_once(ctx.tracker, run_id, {f"{UNIT_METRIC_PREFIX}{k}": v for k, v in result.metrics.items()})
     if result.predictions is not None:
         upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
+    # the final metrics come last: once they are there, the unit is done even if the process dies now
+    log_once(ctx.tracker, run_id, {f"{UNIT_METRIC_PREFIX}{k}": v for k, v in result.metrics.items()})
     store.clear()
     return result
 
 
+def unit_done(run) -> bool:
+    """A unit run is done once FINISHED, or once its final metrics are logged (a crash just after that)."""
+    return run.info.status == "FINISHED" or UNIT_DONE_METRIC in run.data.metrics
+
+
 def restore_unit(ctx: StageContext, run_id: str) -> FitResult:
-    """The result of a finished unit, from its run's metrics and predictions artifact."""
+    """The result of a done unit, from its run's metrics and predictions artifact (none after `retrain`)."""
+    CheckpointStore(ctx.tracker, run_id, ctx.fingerprint).clear()  # in case the process died before it did
     with tempfile.TemporaryDirectory() as tmp:
-        predictions = pd.read_csv(ctx.tracker.download(run_id, PREDICTIONS_ARTIFACT, tmp),
-                                  dtype={"label": str, "predicted": str})
+        try:
+            predictions = pd.read_csv(ctx.tracker.download(run_id, PREDICTIONS_ARTIFACT, tmp),
+                                      dtype={"label": str, "predicted": str})
+        except Exception:  # noqa: BLE001 - a unit without validation rows has no predictions
+            predictions = None
     metrics = ctx.tracker.metrics(run_id)
     return FitResult(metrics={k.removeprefix(UNIT_METRIC_PREFIX): v for k, v in metrics.items()
                               if k.startswith(UNIT_METRIC_PREFIX)},

@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 import pipelines
-from pipelines.config import EnsembleConfig, UserError, fingerprint
+from pipelines.config import EnsembleConfig, NotFound, UserError, fingerprint
 from pipelines.serving import SPEC, EnsembleModel, prediction_frame
 from pipelines.stages.common import PREDICTIONS_ARTIFACT, upload_json
 from pipelines.stages.kfold import OOF_ARTIFACT
@@ -61,6 +61,8 @@ def run(cfg: EnsembleConfig) -> dict[str, float]:
         rows, y, probs = _align(sources, labels)
         weights, report = _weights(cfg, sources, probs, y)
         members = _download_members(tracker, sources, weights, cfg.skip_missing, Path(tmp))
+        # the weights of the model actually registered (renormalised if skip_missing dropped a source)
+        weights = [sum(m["weight"] for m in members if m["source"] == s.run_id) for s in sources]
 
         parent = tracker.start_parent("ensemble", fingerprint({"sources": cfg.source_ids(), "weights": cfg.weights,
                                                                "metric": cfg.metric}), _lineage(sources))
@@ -83,7 +85,7 @@ def run(cfg: EnsembleConfig) -> dict[str, float]:
 def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
     try:
         run = tracker.get_run(run_id)
-    except LookupError as exc:
+    except NotFound as exc:
         raise EnsembleError(f"source run {run_id}: {exc}") from None
     stage, tags = run.data.tags.get("stage"), run.data.tags
     if run.info.status != "FINISHED" or stage not in ("kfold", "train"):
@@ -109,6 +111,10 @@ def _align(sources: list[Source], labels: list[str]):
     if not rows:
         raise EnsembleError("the sources share no out-of-fold rows: were they trained on the same data?")
     frames = [s.oof.set_index("row_id").loc[rows] for s in sources]
+    for source, frame in zip(sources[1:], frames[1:]):
+        if not frame["label"].equals(frames[0]["label"]):
+            raise EnsembleError(f"sources {sources[0].run_id} and {source.run_id} disagree on the true labels of "
+                                "their shared rows: they were not trained on the same data")
     y = frames[0]["label"].map({name: i for i, name in enumerate(labels)}).to_numpy()
     return rows, y, [f[[f"prob_{name}" for name in labels]].to_numpy() for f in frames]
 
@@ -163,15 +169,15 @@ def _download_members(tracker: Tracker, sources: list[Source], weights: list[flo
         found = []
         for run_id in source.members:
             try:
-                found.append(tracker.download(run_id, "model", tmp / "members" / run_id))
+                found.append((run_id, tracker.download(run_id, "model", tmp / "members" / run_id)))
             except Exception as exc:  # noqa: BLE001 - any failure means the member is unusable
                 if not skip_missing:
                     raise EnsembleError(f"member run {run_id} (of source {source.run_id}) has no loadable model/ "
                                         f"artifact ({exc}); pass skip_missing=true to leave it out") from None
                 logger.warning("member run %s skipped: no model/ artifact (%s)", run_id, exc)
-        members += [{"name": f"member-{len(members) + i}", "run_id": run_id, "path": str(path),
-                     "weight": weight / len(found), "max_length": source.max_length}
-                    for i, (run_id, path) in enumerate(zip(source.members, found))]
+        members += [{"name": f"member-{len(members) + i}", "run_id": run_id, "source": source.run_id,
+                     "path": str(path), "weight": weight / len(found), "max_length": source.max_length}
+                    for i, (run_id, path) in enumerate(found)]
     if not members:
         raise EnsembleError("no member model could be loaded")
     total = sum(m["weight"] for m in members)
@@ -194,7 +200,7 @@ def _lineage(sources: list[Source]) -> dict[str, str]:
 def _register(tracker: Tracker, run_id: str, cfg: EnsembleConfig, members: list[dict], labels: list[str],
               tmp: Path) -> str:
     spec = {"labels": labels, "batch_size": cfg.eval_batch_size,
-            "members": [{k: m[k] for k in ("name", "run_id", "weight", "max_length")} for m in members]}
+            "members": [{k: m[k] for k in ("name", "run_id", "source", "weight", "max_length")} for m in members]}
     upload_json(tracker, run_id, SPEC, spec)
     spec_path = tmp / SPEC
     spec_path.write_text(json.dumps(spec, indent=2))

@@ -13,7 +13,15 @@ from tqdm.auto import tqdm
 from pipelines.config import KFoldConfig
 from pipelines.data import fold_plan, load_dataset
 from pipelines.models import resolve_model
-from pipelines.stages.common import StageContext, fit_unit, log_once, open_stage, restore_unit, upload_frame
+from pipelines.stages.common import (
+    StageContext,
+    fit_unit,
+    log_once,
+    open_stage,
+    restore_unit,
+    unit_done,
+    upload_frame,
+)
 from pipelines.tracking import Tracker
 from pipelines.training import FitResult
 
@@ -60,8 +68,12 @@ def cross_validate(ctx: StageContext, folds: list[np.ndarray], after_fold=None,
 
 def _fold(ctx: StageContext, fold: int, k: int, valid_positions: np.ndarray, run, save_model: bool) -> FitResult:
     """Restore a finished fold, or train it (continuing an unfinished fold's run and checkpoint)."""
-    if run is not None and run.info.status == "FINISHED":
-        return restore_unit(ctx, run.info.run_id)
+    if run is not None and unit_done(run):
+        result = restore_unit(ctx, run.info.run_id)
+        if run.info.status != "FINISHED":
+            ctx.tracker.reopen(run.info.run_id)
+            ctx.tracker.finish(run.info.run_id)
+        return result
     if run is None:
         run_id = ctx.tracker.start_child(ctx.parent_id, f"fold-{fold}", {"fold": str(fold)})
     else:

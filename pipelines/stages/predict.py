@@ -39,8 +39,8 @@ def run(cfg: PredictConfig) -> dict[str, float]:
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-pred-") as tmp:
         source, predict = _load(cfg, Path(tmp))
         ctx = open_stage("predict", cfg, data, source, tracker)
-        done = {Path(p).name for p in tracker.list_artifacts(ctx.parent_id, SHARDS)}
         starts = range(0, len(texts), cfg.shard_size)
+        done = _verified_shards(tracker, ctx.parent_id, starts, cfg.shard_size, len(texts), Path(tmp) / "check")
         if ctx.resumed:
             logger.info("resuming predict run %s: %d/%d shards done", ctx.parent_id, len(done), len(starts))
         for i, start in enumerate(tqdm(starts, desc="shards", unit="shard")):
@@ -66,6 +66,24 @@ def run(cfg: PredictConfig) -> dict[str, float]:
     return summary
 
 
+def _verified_shards(tracker: Tracker, run_id: str, starts: range, size: int, n_rows: int, tmp: Path) -> set[str]:
+    """Names of the logged shards holding exactly their rows (a copy torn by a crash is done again)."""
+    if not tracker.list_artifacts(run_id, SHARDS):
+        return set()
+    good = set()
+    for path in tracker.download(run_id, SHARDS, tmp).glob("*.csv"):
+        start = starts[int(path.stem.split("-")[1])]
+        try:
+            rows = pd.read_csv(path, usecols=["row_id"])["row_id"].tolist()
+        except (ValueError, pd.errors.ParserError):
+            rows = []
+        if rows == list(range(start, min(start + size, n_rows))):
+            good.add(path.name)
+        else:
+            logger.warning("shard %s of run %s is incomplete: it is predicted again", path.name, run_id)
+    return good
+
+
 def _load(cfg: PredictConfig, tmp: Path):
     """The model's identity for the fingerprint, and a DataFrame(text) -> DataFrame(label, prob_*) function."""
     uri = cfg.model_uri
@@ -74,12 +92,12 @@ def _load(cfg: PredictConfig, tmp: Path):
             local = download_model(uri, tmp / "model")
         except FileNotFoundError as exc:
             raise ModelError(f"{exc}; check the run id / registered model name and alias") from None
-        identity = registered_version(uri) if uri.startswith("models:/") else folder_digest(local)
+        identity = registered_version(uri) if uri.startswith("models:/") else uri  # run artifacts do not change
     else:
         local = Path(uri)
         if not local.is_dir():
             raise ModelError(f"model_uri {uri} is neither models:/..., runs:/... nor an existing folder")
-        identity = folder_digest(local)
+        identity = folder_digest(local, recursive=True)
     if (local / "MLmodel").is_file():  # a pyfunc model, e.g. a registered ensemble
         model = load_pyfunc(str(local))
         return ModelSource(uri, str(local), identity), model.predict

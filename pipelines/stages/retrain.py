@@ -9,7 +9,7 @@ from pathlib import Path
 from pipelines.config import ConfigError, RetrainConfig
 from pipelines.data import load_dataset
 from pipelines.models import resolve_model
-from pipelines.stages.common import fit_unit, open_stage
+from pipelines.stages.common import fit_unit, open_stage, restore_unit, unit_done
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,8 @@ def run(cfg: RetrainConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_model(cfg.model, Path(cache))
         ctx = open_stage("retrain", cfg, data, model, tracker)
-        if ctx.resumed_status == "FINISHED":
+        if ctx.resumed and unit_done(tracker.get_run(ctx.parent_id)):
+            restore_unit(ctx, ctx.parent_id)
             logger.info("retrain run %s already finished: nothing to do", ctx.parent_id)
         else:
             tags = tracker.get_run(ctx.parent_id).data.tags

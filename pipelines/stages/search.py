@@ -30,6 +30,7 @@ from pipelines.stages.common import (
     BEST_PARAMS_ARTIFACT,
     StageContext,
     fit_unit,
+    log_once,
     open_stage,
     upload_frame,
     upload_json,
@@ -80,13 +81,16 @@ def run(cfg: OptunaConfig) -> dict:
     valid = holdout_split(data, cfg.validation_fraction, cfg.fold_seed) if cfg.objective == "holdout" else None
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_model(cfg.model, Path(cache))
+        settings = StudySettings(
+            storage=cfg.optuna_storage, study_name=cfg.study_name, direction=cfg.optimization_direction(),
+            sampler=cfg.sampler, pruner=cfg.pruner, seed=cfg.seed, heartbeat_interval=cfg.heartbeat_interval,
+            grace_period=cfg.grace_period, grid=grid)
+        storage = storage_for(settings)  # a bad storage URL fails before any run is created
         extra = {"search_space": {name: repr(dist) for name, dist in sorted(space.items())}}
         ctx = open_stage("optuna", cfg, data, model, tracker, extra_inputs=extra)
-        settings = StudySettings(
-            storage=cfg.optuna_storage, study_name=cfg.study_name or f"{tracker.experiment_name}-{ctx.fingerprint}",
-            direction=cfg.optimization_direction(), sampler=cfg.sampler, pruner=cfg.pruner, seed=cfg.seed,
-            heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period, grid=grid)
-        storage = storage_for(settings)
+        # a resumed search keeps its study, even when resumed from another experiment
+        settings.study_name = (cfg.study_name or tracker.get_run(ctx.parent_id).data.tags.get("optuna_study")
+                               or f"{tracker.experiment_name}-{ctx.fingerprint}")
         study = open_study(settings, storage)
         tracker.set_tags(ctx.parent_id, {"optuna_study": settings.study_name, "optuna_storage": redact(cfg.optuna_storage)})
         study.set_user_attr("mlflow_parent_run_id", ctx.parent_id)
@@ -153,14 +157,22 @@ class _Objective:
             run_id = run.info.run_id
             tracker.reopen(run_id)
         trial.set_user_attr(RUN_ATTR, run_id)
+        if run is not None and "objective" in run.data.metrics and "optuna_state" in run.data.tags:
+            # finished in MLflow, but the process died before Optuna recorded it: report, do not retrain
+            value, pruned = run.data.metrics["objective"], run.data.tags["optuna_state"] == "PRUNED"
+            logger.info("trial %d already finished in run %s: objective=%s", number, run_id, value)
+            tracker.finish(run_id)
+            if pruned:
+                raise optuna.TrialPruned(f"trial {number} pruned")
+            return value
         tracker.log_params(run_id, {**params, "optuna_trial_number": trial.number})
         unit = dataclasses.replace(ctx, cfg=cfg, parent_id=run_id, resumed_status=run.info.status if run else "",
                                    fingerprint=fingerprint({**ctx.inputs, "trial_params": params}))
         logger.info("trial %d/%d (optuna #%d) run=%s params=%s", number + 1, self.n_trials, trial.number, run_id,
                     params)
         value, pruned = self._evaluate(trial, unit, run_id)
-        tracker.log_metrics(run_id, {"objective": value})
         tracker.set_tags(run_id, {"optuna_state": "PRUNED" if pruned else "COMPLETE"})
+        log_once(tracker, run_id, {"objective": value})  # last: with the tag, it marks the trial done
         tracker.finish(run_id)
         if pruned:
             raise optuna.TrialPruned(f"trial {number} pruned")
@@ -193,11 +205,11 @@ def _suggest(trial: optuna.Trial, name: str, dist):
 
 
 def _logical_trials(study: optuna.Study) -> list:
-    """One row per logical trial: a crashed attempt that was retried is left out."""
+    """One row per logical trial, its latest attempt: crashed attempts that were retried, trials that failed
+    with an exception (their number is reused) and surplus trials are left out."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
-    retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return [t for t in trials if t.number not in retried and LOGICAL_ATTR in t.user_attrs]
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return [t for t in trials if t.number not in retried and t.state != TrialState.FAIL and LOGICAL_ATTR in t.user_attrs]
 
 
 def _report(ctx: StageContext, study: optuna.Study) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 from pipelines.config import TrainConfig
 from pipelines.data import holdout_split, load_dataset
 from pipelines.models import resolve_model
-from pipelines.stages.common import fit_unit, open_stage, restore_unit
+from pipelines.stages.common import fit_unit, open_stage, restore_unit, unit_done
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_model(cfg.model, Path(cache))
         ctx = open_stage("train", cfg, data, model, tracker)
-        if ctx.resumed_status == "FINISHED":
+        if ctx.resumed and unit_done(tracker.get_run(ctx.parent_id)):
             logger.info("train run %s already finished: nothing to do", ctx.parent_id)
             result = restore_unit(ctx, ctx.parent_id)
         else:
