@@ -75,7 +75,7 @@ def store_env(folder: Path) -> dict[str, str]:
     return env
 
 
-def entrypoint(name: str, args: dict, env: dict, cwd: Path, **popen) -> list[str]:
+def entrypoint(name: str, args: dict) -> list[str]:
     """Command line for ``entrypoints/<name>.py`` with ``--key value`` arguments."""
     cmd = [sys.executable, str(ROOT / "entrypoints" / f"{name}.py")]
     for key, value in args.items():
@@ -84,7 +84,7 @@ def entrypoint(name: str, args: dict, env: dict, cwd: Path, **popen) -> list[str
 
 
 def run_entrypoint(name: str, args: dict, env: dict, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(entrypoint(name, args, env, cwd), env=env, cwd=cwd, capture_output=True, text=True,
+    return subprocess.run(entrypoint(name, args), env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -118,7 +118,7 @@ def test_sigkill_during_checkpoint_upload_is_detected(baseline, tiny_data, tiny_
 
 
 def test_sigterm_marks_runs_killed_and_changed_setting_is_refused(baseline, tiny_data, tiny_model, tmp_path, env):
-    proc = subprocess.Popen(entrypoint("kfold", kfold_args(tiny_data, tiny_model), env, tmp_path), env=env,
+    proc = subprocess.Popen(entrypoint("kfold", kfold_args(tiny_data, tiny_model)), env=env,
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:  # wait until fold 1 (the second of three) is training
         if "fold 2/3:" in line:

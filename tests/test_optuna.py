@@ -153,11 +153,11 @@ def test_two_workers_on_postgres_share_trials_and_recover_a_killed_one(tiny_data
     created = run_entrypoint("optuna_search", args, env, tmp_path)  # create study and parent once
     assert created.returncode == 0, created.stderr[-3000:]
     work = {**args, "n_trials": 6, "resume": "true"}
-    doomed = subprocess.Popen(entrypoint("optuna_search", work, env, tmp_path), cwd=tmp_path,
+    doomed = subprocess.Popen(entrypoint("optuna_search", work), cwd=tmp_path,
                               env={**env, "PIPELINES_FAILPOINT": "checkpoint_committed:3"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(2)
-    survivor = subprocess.Popen(entrypoint("optuna_search", work, env, tmp_path), cwd=tmp_path, env=env,
+    survivor = subprocess.Popen(entrypoint("optuna_search", work), cwd=tmp_path, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, doomed_err = doomed.communicate(timeout=600)
     _, survivor_err = survivor.communicate(timeout=600)
