@@ -165,6 +165,24 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
     return result
 
 
+def run_as_unit(ctx: StageContext, train: pd.DataFrame, valid: pd.DataFrame | None) -> FitResult:
+    """Stages whose parent run is their only unit (`train`, `retrain`): restore it when done, else fit it."""
+    tracker, run_id = ctx.tracker, ctx.parent_id
+    if ctx.resumed and unit_done(tracker.get_run(run_id)):
+        logger.info("%s run %s already finished: nothing to do", ctx.stage, run_id)
+        result = restore_unit(ctx, run_id)
+    else:
+        if ctx.resumed:
+            tags = tracker.get_run(run_id).data.tags
+            checkpoint = tags.get("checkpoint")
+            logger.info("resuming %s run %s from %s", ctx.stage, run_id,
+                        f"epoch {tags.get('checkpoint_epoch')} checkpoint ({checkpoint})"
+                        if checkpoint else "the start (no checkpoint)")
+        result = fit_unit(ctx, run_id, train, valid)
+    tracker.finish(run_id)
+    return result
+
+
 def unit_done(run) -> bool:
     """A unit run is done once FINISHED, or once its final metrics are logged (a crash just after that)."""
     return run.info.status == "FINISHED" or UNIT_DONE_METRIC in run.data.metrics

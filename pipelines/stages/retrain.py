@@ -9,7 +9,7 @@ from pathlib import Path
 from pipelines.config import ConfigError, RetrainConfig
 from pipelines.data import load_dataset
 from pipelines.models import resolve_model
-from pipelines.stages.common import fit_unit, open_stage, restore_unit, unit_done
+from pipelines.stages.common import open_stage, run_as_unit
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -22,16 +22,7 @@ def run(cfg: RetrainConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_model(cfg.model, Path(cache))
         ctx = open_stage("retrain", cfg, data, model, tracker)
-        if ctx.resumed and unit_done(tracker.get_run(ctx.parent_id)):
-            restore_unit(ctx, ctx.parent_id)
-            logger.info("retrain run %s already finished: nothing to do", ctx.parent_id)
-        else:
-            tags = tracker.get_run(ctx.parent_id).data.tags
-            if ctx.resumed:
-                logger.info("resuming retrain run %s from %s", ctx.parent_id,
-                            f"epoch {tags['checkpoint_epoch']} checkpoint" if "checkpoint" in tags else "the start")
-            logger.info("retrain on all %d rows for %d epochs with %s", len(data), ctx.cfg.epochs,
-                        {k: getattr(ctx.cfg, k) for k in ("learning_rate", "batch_size", "weight_decay")})
-            fit_unit(ctx, ctx.parent_id, data.frame, None)
-        tracker.finish(ctx.parent_id)
+        logger.info("retrain on all %d rows for %d epochs with %s", len(data), ctx.cfg.epochs,
+                    {k: getattr(ctx.cfg, k) for k in ("learning_rate", "batch_size", "weight_decay")})
+        run_as_unit(ctx, data.frame, None)
     return {"epochs": ctx.cfg.epochs}

@@ -11,7 +11,7 @@ import numpy as np
 from pipelines.config import TrainConfig
 from pipelines.data import holdout_split, load_dataset
 from pipelines.models import resolve_model
-from pipelines.stages.common import fit_unit, open_stage, restore_unit, unit_done
+from pipelines.stages.common import open_stage, run_as_unit
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -24,19 +24,7 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_model(cfg.model, Path(cache))
         ctx = open_stage("train", cfg, data, model, tracker)
-        if ctx.resumed and unit_done(tracker.get_run(ctx.parent_id)):
-            logger.info("train run %s already finished: nothing to do", ctx.parent_id)
-            result = restore_unit(ctx, ctx.parent_id)
-        else:
-            if ctx.resumed:
-                tags = tracker.get_run(ctx.parent_id).data.tags
-                checkpoint = tags.get("checkpoint")
-                logger.info("resuming train run %s from %s", ctx.parent_id,
-                            f"epoch {tags.get('checkpoint_epoch')} checkpoint ({checkpoint})"
-                            if checkpoint else "the start (no checkpoint)")
-            frame = data.frame
-            result = fit_unit(ctx, ctx.parent_id, frame[~is_valid], frame[is_valid])
-        tracker.finish(ctx.parent_id)
+        result = run_as_unit(ctx, data.frame[~is_valid], data.frame[is_valid])
     logger.info("train run %s finished: accuracy=%.4f f1_macro=%.4f", ctx.parent_id,
                 result.metrics["accuracy"], result.metrics["f1_macro"])
     return result.metrics
