@@ -128,6 +128,20 @@ def _with_best_params(cfg: StageConfig, tracker: Tracker) -> StageConfig:
     return dataclasses.replace(cfg, params_from=source, **settings)
 
 
+def recorded_settings(tracker: Tracker, run_id: str) -> dict:
+    """The resolved settings a stage run recorded in its ``config.json``: the values it actually used.
+
+    Never read a run's params for this: under ``mlflow run`` they may hold the literal ``-P`` values.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            record = json.loads(tracker.download(run_id, CONFIG_ARTIFACT, tmp).read_text())
+            return record["settings"]
+        except Exception as exc:  # noqa: BLE001 - missing, unreadable or not ours
+            raise NotFound(f"run {run_id} has no readable {CONFIG_ARTIFACT} ({exc}); it was not made by a pipelines "
+                           "stage, or died before recording its settings: pass a finished stage run") from None
+
+
 def _record_config(ctx: StageContext) -> None:
     ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_dict(), "data_digest": ctx.data.digest,
                                            "model_digest": ctx.model.digest, "fingerprint": ctx.fingerprint})
