@@ -101,10 +101,9 @@ class CheckpointStore:
         return [Path(p).name for p in self.tracker.list_artifacts(self.run_id, ROOT)]
 
     def _fetch(self, name: str, dst: Path) -> Path | None:
-        local = dst / name
-        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(dst / name, ignore_errors=True)
         try:
-            self.tracker.download(self.run_id, f"{ROOT}/{name}", dst)
+            local = self.tracker.download(self.run_id, f"{ROOT}/{name}", dst)
         except Exception as exc:  # noqa: BLE001 - any failure to fetch means the copy is unusable
             logger.warning("checkpoint %s of run %s could not be downloaded (%s); trying an older one", name,
                            self.run_id, exc)
@@ -137,10 +136,14 @@ def _verify(local: Path, fingerprint: str) -> str | None:
     manifest_path = local / MANIFEST
     if not manifest_path.is_file():
         return "no manifest: the upload did not finish"
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"its manifest does not parse ({exc})"
     if manifest.get("fingerprint") != fingerprint:
         return f"it belongs to settings {manifest.get('fingerprint')}, not {fingerprint}"
-    for rel, digest in manifest["files"].items():
+    for rel, digest in files.items():
         path = local / rel
         if not path.is_file():
             return f"{rel} is missing"

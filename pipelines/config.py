@@ -3,8 +3,9 @@
 One name per setting everywhere: the dataclass field is the command-line flag, the MLproject
 parameter and the MLflow param.  Values come, lowest precedence first, from the field default,
 an optional YAML file (``--config_file``), command-line flags and ``--config k=v,...``.
-A flag whose value equals the field default does not override the YAML file: ``mlflow run``
-passes every MLproject parameter, so an untouched parameter must not hide the file's value.
+A flag given an empty value is *not given*: every MLproject parameter defaults to ``''`` (the real
+default is in its description), so ``mlflow run`` passes untouched parameters as empty and they
+never hide the file's value, while any explicit ``-P name=value``, even the default, overrides it.
 """
 
 from __future__ import annotations
@@ -60,7 +61,28 @@ class Settings:
 
 
 @dataclass
-class StageConfig(Settings):
+class Coordinated(Settings):
+    """Settings of a stage whose units are leased, so that several workers can share it."""
+
+    optuna_storage: str = setting(
+        "", "Database (SQLAlchemy URL) holding Optuna studies and the leases through which workers share units; "
+        "empty: optuna.db beside the embedded SQLite tracking store (required with any other tracking store).",
+        result=False,
+    )
+    heartbeat_interval: int = setting(10, "Seconds between heartbeats of a unit's lease (and an Optuna trial's).",
+                                      result=False)
+    grace_period: int = setting(30, "Seconds without heartbeat after which another worker takes a unit over.",
+                                result=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grace_period <= self.heartbeat_interval or self.heartbeat_interval <= 0:
+            raise ConfigError(f"grace_period={self.grace_period} must exceed heartbeat_interval="
+                              f"{self.heartbeat_interval} > 0")
+
+
+@dataclass
+class StageConfig(Coordinated):
     """Settings shared by every training stage."""
 
     POSITIVE = ("epochs", "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
@@ -208,11 +230,9 @@ def parse_config(cls: type[Settings], argv: list[str] | None = None) -> Settings
     if config_file:
         values.update(_load_yaml(Path(config_file), fields))
     for name, raw in args.items():
-        if raw is None:
+        if raw is None or raw == "":  # not given (MLproject parameters default to '')
             continue
-        value = convert_value(name, raw, fields[name].default)
-        if value != fields[name].default or name not in values:
-            values[name] = value
+        values[name] = raw
     for name, raw in overrides.items():
         if name not in fields:
             raise ConfigError(f"--config names unknown setting {name!r}; known: {', '.join(fields)}")
@@ -243,7 +263,7 @@ DEFAULT_SEARCH_SPACE = (
     "weight_decay: {type: float, low: 0.0, high: 0.1}, "
     "warmup_ratio: {type: float, low: 0.0, high: 0.2, step: 0.05}}"
 )
-DEFAULT_OPTUNA_STORAGE = "sqlite:///mlruns/optuna.db"
+DEFAULT_OPTUNA_STORAGE = ""  # resolved by tracking.state_storage()
 
 
 @dataclass
@@ -253,6 +273,9 @@ class OptunaConfig(KFoldConfig, TrainConfig):
     n_trials: int = setting(20, "Total number of finished (complete or pruned) trials the study should have.",
                             result=False)
     timeout: int = setting(0, "Stop starting new trials after this many seconds; 0 means no limit.", result=False)
+    max_retries: int = setting(1, "Times a trial that raised an exception is retried with the same parameters; after "
+                               "that it stays FAIL and keeps its number (a crashed trial is always retried).",
+                               result=False)
     search_space: str = setting(DEFAULT_SEARCH_SPACE, "YAML file, or inline YAML, mapping settings to distributions.",
                                 result=False)  # its parsed content is in the fingerprint
     objective: str = setting("holdout", "holdout: validation split; cv: mean over k_folds folds.",
@@ -262,20 +285,13 @@ class OptunaConfig(KFoldConfig, TrainConfig):
     sampler: str = setting("tpe", "Optuna sampler.", choices=("tpe", "random", "grid"))
     pruner: str = setting("median", "Optuna pruner (per epoch for holdout, per fold for cv).",
                           choices=("median", "hyperband", "none"))
-    optuna_storage: str = setting(DEFAULT_OPTUNA_STORAGE, "Optuna RDB storage URL.", result=False)
     study_name: str = setting("", "Optuna study name; empty derives it from experiment and fingerprint.",
                               result=False)
-    heartbeat_interval: int = setting(10, "Seconds between a running trial's heartbeats.", result=False)
-    grace_period: int = setting(30, "Seconds without heartbeat after which another worker retries a trial.",
-                                result=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_trials < 0 or self.timeout < 0:
-            raise ConfigError("n_trials and timeout must be zero or positive")
-        if self.grace_period <= self.heartbeat_interval or self.heartbeat_interval <= 0:
-            raise ConfigError(f"grace_period={self.grace_period} must exceed heartbeat_interval="
-                              f"{self.heartbeat_interval} > 0")
+        if self.n_trials < 0 or self.timeout < 0 or self.max_retries < 0:
+            raise ConfigError("n_trials, timeout and max_retries must be zero or positive")
 
     def tunable(self) -> tuple[str, ...]:
         return TUNABLE
@@ -299,7 +315,10 @@ class EnsembleConfig(Settings):
     skip_missing: bool = setting(False, "Leave out members whose model cannot be loaded (weights renormalised).")
     eval_batch_size: int = setting(64, "Batch size of the served model.")
     seed: int = setting(42, "Seed of the optimized-weights search and its held-out split.")
-    experiment_name: str = setting("", "MLflow experiment; empty uses MLFLOW_EXPERIMENT_NAME / _ID or 'Default'.")
+    experiment_name: str = setting("", "MLflow experiment; empty uses MLFLOW_EXPERIMENT_NAME / _ID or 'Default'.",
+                                   result=False)
+    resume: bool = setting(False, "Continue the newest run of this stage with the same settings.", result=False)
+    resume_from: str = setting("", "Run id of a parent run to continue explicitly.", result=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -319,7 +338,7 @@ class RetrainConfig(StageConfig):
 
 
 @dataclass
-class PredictConfig(Settings):
+class PredictConfig(Coordinated):
     """`predict`: batch predictions of a model for a data file, resumable per shard."""
 
     model_uri: str = setting("", "models:/<name>@<alias>, runs:/<run_id>/<path> or a local model folder.",

@@ -4,31 +4,36 @@ A stage invocation owns one *parent run* (tags ``stage`` and ``fingerprint``); i
 (folds, trials) are child runs tagged with the unit's key.  Every run this process opens is closed
 with the right status: FINISHED on success, FAILED on an exception, KILLED on SIGTERM/SIGINT.
 
-Under ``mlflow run`` the launcher's run (``MLFLOW_RUN_ID``) becomes the parent of a new stage
-invocation; when the invocation resumes an older parent instead, the launcher run stays a thin
-record of the invocation, tagged ``resumed_run_id``.
+The stage's parent run is always created here, never taken over from ``mlflow run``: the run that
+``mlflow run`` creates (``MLFLOW_RUN_ID``, the *launcher*) holds the literal ``-P`` values as params,
+which are not the values used once ``config_file``, ``config`` or ``params_from`` resolve them.
+The launcher becomes a child of the stage's parent run, tagged ``invocation``: the parent shows
+the resolved settings, and each ``mlflow run`` invocation (first one, resumes) is listed under it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
+import sqlalchemy.exc
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipelines.config import NotFound
+from pipelines.config import ConfigError, NotFound
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+INVOCATION_TAG = "invocation"  # on a launcher run: the stage it launched
 UNFINISHED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
 
 
@@ -48,13 +53,65 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def embedded_store() -> Path:
+    """The folder of the embedded default store: ``mlruns/`` of the project (of the working folder when the
+    package is installed without its project), whatever the working folder of the process."""
+    project = Path(__file__).resolve().parent.parent
+    return (project if (project / "MLproject").is_file() else Path.cwd()) / "mlruns"
+
+
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, or the embedded default ``sqlite:///mlruns/mlflow.db`` (artifacts in mlruns/)."""
+    """MLFLOW_TRACKING_URI, or the embedded default ``sqlite:///<project>/mlruns/mlflow.db`` (artifacts beside it).
+
+    A relative SQLite path is made absolute (against the working folder), so that the same value names the same
+    store however deep the process is launched.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        Path("mlruns").mkdir(exist_ok=True)
-        uri = os.environ["MLFLOW_TRACKING_URI"] = EMBEDDED_TRACKING_URI
+        embedded_store().mkdir(exist_ok=True)
+        uri = f"sqlite:///{embedded_store() / 'mlflow.db'}"
+    elif _sqlite_path(uri) is not None and not _sqlite_path(uri).is_absolute():
+        uri = f"sqlite:///{_sqlite_path(uri).resolve()}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def state_storage(url: str) -> str:
+    """The database for Optuna studies and unit leases: ``url``, or ``optuna.db`` beside an SQLite tracking store.
+
+    With any other tracking store there is no sensible local default (workers elsewhere would not see it).
+    """
+    if url:
+        path = _sqlite_path(url)
+        return f"sqlite:///{path.resolve()}" if path is not None and not path.is_absolute() else url
+    store = _sqlite_path(tracking_uri())
+    if store is None:
+        raise ConfigError(f"optuna_storage is empty and the tracking store {tracking_uri()} is not an SQLite file: "
+                          "pass optuna_storage=<a database URL every worker reaches, e.g. "
+                          "postgresql+psycopg2://user:password@host:5432/db>")
+    return f"sqlite:///{store.parent / 'optuna.db'}"
+
+
+def _while_store_initialises(action: Callable[[], Any], seconds: float = 120.0) -> Any:
+    """Run ``action``, retrying while another process creates or migrates a fresh database store.
+
+    Workers started at the same instant on a new PostgreSQL (or SQLite) database race in MLflow's schema
+    creation (e.g. ``duplicate key value violates unique constraint "pg_type_typname_nsp_index"``, or an
+    out-of-date schema seen half-way through the other's migration); the loser waits and tries again.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return action()
+        except (sqlalchemy.exc.SQLAlchemyError, mlflow.exceptions.MlflowException) as exc:
+            if time.monotonic() > deadline:
+                raise
+            logger.info("tracking store not ready (%s): retrying", str(exc).splitlines()[0][:200])
+            time.sleep(random.uniform(0.5, 2.0))
 
 
 class Tracker:
@@ -63,9 +120,11 @@ class Tracker:
     def __init__(self, experiment_name: str = ""):
         mlflow.set_tracking_uri(tracking_uri())
         self.client = MlflowClient()
-        self.experiment_id = self._experiment(experiment_name)
+        self.experiment_id = _while_store_initialises(lambda: self._experiment(experiment_name))
         self.experiment_name = self.client.get_experiment(self.experiment_id).name
         self._open: list[str] = []
+        self._shared: dict[str, Callable[[], bool]] = {}  # run id -> "another worker is still on it"
+        self._on_close: list[Callable[[], None]] = []
 
     def _experiment(self, name: str) -> str:
         name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
@@ -73,11 +132,18 @@ class Tracker:
             return os.environ["MLFLOW_EXPERIMENT_ID"]
         name = name or "Default"
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":
-                raise RuntimeError(f"experiment {name!r} is deleted; restore it in the MLflow UI or pick another name")
-            return experiment.experiment_id
-        return self.client.create_experiment(name)
+        if experiment is None:
+            store = _sqlite_path(tracking_uri())
+            location = (store.parent / "artifacts" / uuid.uuid4().hex).as_uri() if store is not None else None
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except mlflow.exceptions.MlflowException:  # another worker created it at the same instant
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            raise NotFound(f"experiment {name!r} is deleted; restore it in the MLflow UI or pick another name")
+        return experiment.experiment_id
 
     # ------------------------------------------------------------ status
 
@@ -85,20 +151,49 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            return
+        try:
+            if exc_type is not None:
+                self._fail_open_runs(exc_type, exc)
+        finally:
+            for callback in self._on_close:
+                callback()
+
+    def _fail_open_runs(self, exc_type, exc) -> None:
         status = "KILLED" if issubclass(exc_type, (Interrupted, KeyboardInterrupt)) else "FAILED"
         for run_id in reversed(self._open):
+            if run_id in self._shared and self._shared[run_id]():
+                logger.warning("run %s left RUNNING: other workers are still on it (this one: %s)", run_id, exc)
+                continue
             self.client.set_terminated(run_id, status)
+            self.client.set_tag(run_id, "status_reason", f"{type(exc).__name__}: {exc}"[:5000])
             logger.error("marked run %s status=%s reason=%s", run_id, status, exc)
         self._open.clear()
 
+    def share(self, run_id: str, others_working: Callable[[], bool]) -> None:
+        """On failure, leave ``run_id`` RUNNING while ``others_working()`` (a parent shared by several workers)."""
+        self._shared[run_id] = others_working
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
+
     def finish(self, run_id: str) -> None:
         self.client.set_terminated(run_id, "FINISHED")
-        self._open.remove(run_id)
+        if run_id in self._open:
+            self._open.remove(run_id)
+
+    def forget(self, run_id: str) -> None:
+        """Stop owning ``run_id`` without changing its status (another worker took its unit over)."""
+        if run_id in self._open:
+            self._open.remove(run_id)
+
+    def mark_dead(self, run_id: str, status: str, reason: str) -> None:
+        self.client.set_terminated(run_id, status)
+        self.client.set_tag(run_id, "status_reason", reason)
+        logger.warning("marked run %s %s: %s", run_id, status, reason)
 
     def reopen(self, run_id: str) -> None:
         self.client.update_run(run_id, status="RUNNING")
+        self.delete_tag(run_id, "status_reason")
         self._open.append(run_id)
 
     # ------------------------------------------------------------ runs
@@ -109,6 +204,15 @@ class Tracker:
         except mlflow.exceptions.MlflowException as exc:
             raise NotFound(f"run {run_id} not found in {tracking_uri()}: {exc.message}") from None
 
+    def running_runs(self) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                       max_results=5000)
+
+    @staticmethod
+    def launcher_id() -> str:
+        """The run ``mlflow run`` created for this process, if any."""
+        return os.environ.get("MLFLOW_RUN_ID", "")
+
     def parent_runs(self, stage: str) -> list:
         """Parent runs of ``stage`` in this experiment, newest first."""
         return self.client.search_runs(
@@ -116,29 +220,28 @@ class Tracker:
         )
 
     def start_parent(self, stage: str, fingerprint: str, tags: dict[str, str]) -> str:
-        """A new parent run; under ``mlflow run`` the launcher's own run is adopted."""
+        """A new parent run of ``stage`` (never the ``mlflow run`` launcher: see the module docstring)."""
         tags = {"stage": stage, "fingerprint": fingerprint, **tags}
-        launcher = self._launcher_run()
-        if launcher is not None:
-            run_id = launcher
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        else:
-            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=f"{stage}").info.run_id
+        run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=stage).info.run_id
         self._open.append(run_id)
         return run_id
 
-    def note_resume(self, parent_id: str) -> None:
-        """Under ``mlflow run``, tag the launcher run with the parent run it resumed."""
-        launcher = self._launcher_run()
-        if launcher is not None and launcher != parent_id:
-            self.client.set_tag(launcher, "resumed_run_id", parent_id)
-            self.client.set_tag(launcher, MLFLOW_RUN_NAME, f"resume of {parent_id[:8]}")
-
-    def _launcher_run(self) -> str | None:
-        run_id = os.environ.get("MLFLOW_RUN_ID")
-        if run_id and self.client.get_run(run_id).info.experiment_id == self.experiment_id:
-            return run_id
-        return None
+    def adopt_launcher(self, parent_id: str, stage: str, resumed: bool, worker: str) -> None:
+        """Under ``mlflow run``, file the launcher run under the stage's parent run as an invocation record."""
+        launcher = self.launcher_id()
+        if not launcher or launcher == parent_id:
+            return
+        try:
+            run = self.client.get_run(launcher)
+        except mlflow.exceptions.MlflowException:
+            logger.warning("launcher run %s (MLFLOW_RUN_ID) is not in %s: was mlflow run given a relative tracking "
+                           "URI? Pass an absolute one", launcher, tracking_uri())
+            return
+        tags = {INVOCATION_TAG: stage, "stage_run_id": parent_id, "worker": worker,
+                MLFLOW_RUN_NAME: f"{'resume' if resumed else 'start'} of {stage} {parent_id[:8]}"}
+        if run.info.experiment_id == self._experiment_of(parent_id):
+            tags[MLFLOW_PARENT_RUN_ID] = parent_id
+        self.client.log_batch(launcher, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def child_runs(self, parent_id: str, unit_key: str) -> dict[str, Any]:
         """Child runs of ``parent_id`` by the value of their ``unit_key`` tag (a FINISHED one wins)."""
@@ -270,3 +373,62 @@ def registered_version(uri: str) -> str:
     if ref:
         return f"{name}/{client.get_model_version_by_alias(name, ref).version}"
     return uri.removeprefix("models:/")
+
+
+# --- registry helpers (ensemble resume) ---
+# Logging, registering and aliasing a model as separate steps, so that a stage killed between any two of them
+# resumes with the next one instead of logging or registering again (see pipelines/stages/ensemble.py).
+
+
+def log_pyfunc(run_id: str, python_model, artifacts: dict[str, str], input_example, output_example,
+               code_paths: list[str]) -> str:
+    """Log a pyfunc model named ``model`` from run ``run_id``, which stays RUNNING; returns its ``models:/`` URI."""
+    from mlflow.models import infer_signature
+
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    mlflow.start_run(run_id=run_id)
+    try:
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=python_model,
+            artifacts=artifacts,
+            code_paths=code_paths,
+            signature=infer_signature(input_example, output_example),
+            input_example=input_example,
+        )
+    finally:
+        mlflow.end_run(status="RUNNING")  # leave the fluent run without ending ``run_id``: the stage ends it
+        if launcher:
+            os.environ["MLFLOW_RUN_ID"] = launcher  # end_run clears it
+    MlflowClient().set_tag(run_id, "model_uri", info.model_uri)
+    return info.model_uri
+
+
+def logged_model_uri(run_id: str, name: str = "model") -> str | None:
+    """The ``models:/`` URI of the newest completely logged (READY) model ``name`` of run ``run_id``, if any."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    models = client.search_logged_models([experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+                                         order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]  # the store cannot filter on status
+    return ready[0].model_uri if ready else None
+
+
+def register_model(model_uri: str, name: str) -> str:
+    """Register ``model_uri`` as a new version of ``name`` (created if needed); returns the version."""
+    return str(mlflow.register_model(model_uri, name).version)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def model_versions_of_run(name: str, run_id: str) -> list[str]:
+    """Versions of registered model ``name`` made from run ``run_id``, oldest first (none: [])."""
+    escaped = name.replace("'", "\\'")
+    versions = MlflowClient().search_model_versions(f"name = '{escaped}' AND run_id = '{run_id}'")
+    return sorted((str(v.version) for v in versions), key=int)
+# --- end of registry helpers (ensemble resume) ---

@@ -6,6 +6,7 @@ stopping is the built-in ``EarlyStoppingCallback``.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,11 @@ from transformers import (
     EarlyStoppingCallback,
     Trainer,
     TrainerCallback,
+    TrainerState,
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer import TRAINER_STATE_NAME
 
 from pipelines import faults
 from pipelines.checkpoints import CheckpointStore
@@ -152,6 +155,7 @@ def fit(
         metric_for_best_model=f"eval_{cfg.metric}" if valid is not None else None,
         greater_is_better=cfg.metric != "loss",
         report_to="none",
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter survives a resume
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
@@ -169,7 +173,10 @@ def fit(
         compute_metrics=_compute_metrics,
         callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint and _stopped(checkpoint):
+        _finish_stopped(trainer, checkpoint, run_id)
+    else:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if save_model:
         model_dir = work_dir / "model"
         trainer.save_model(str(model_dir))  # weights, config and tokenizer; no optimizer state
@@ -192,6 +199,26 @@ def fit(
         "best_epoch": _best_epoch(trainer.state.log_history, cfg.metric),
     }
     return FitResult(metrics=metrics, predictions=predictions)
+
+
+def _stopped(checkpoint: Path) -> bool:
+    """Whether training had decided to stop (early stopping) when ``checkpoint`` was saved."""
+    state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+    control = state.get("stateful_callbacks", {}).get("TrainerControl", {})
+    return bool(control.get("args", {}).get("should_training_stop"))
+
+
+def _finish_stopped(trainer: Trainer, checkpoint: Path, run_id: str) -> None:
+    """End a run whose process died after early stopping's last checkpoint, without training another step
+    (``trainer.train`` would reset the stop decision and train on): the state and the model that the end of
+    training would have left (the best checkpoint's weights with ``load_best_model_at_end``)."""
+    trainer.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+    best = trainer.state.best_model_checkpoint
+    source = Path(best) if trainer.args.load_best_model_at_end and best else checkpoint
+    loaded = type(trainer.model).from_pretrained(str(source))
+    trainer.model.load_state_dict(loaded.state_dict())
+    logger.info("training had already stopped early at step %d run=%s: finishing from %s without training",
+                trainer.state.global_step, run_id, source.name)
 
 
 def _best_epoch(history: list[dict], metric: str) -> float:

@@ -89,3 +89,16 @@ def test_clear_removes_checkpoints_and_tags(unit, tmp_path):
     assert tracker.list_artifacts(run_id, "checkpoints") == []
     assert "checkpoint" not in tracker.get_run(run_id).data.tags
     assert store.restore(tmp_path / "restore") is None
+
+
+def test_manifest_that_does_not_parse_is_a_bad_copy_not_a_crash(unit, tmp_path, caplog):
+    tracker, run_id, store = unit
+    local = tmp_path / "out"
+    store.commit(fake_checkpoint(local, 5), epoch=1)
+    store.commit(fake_checkpoint(local, 10, best=str(local / "checkpoint-5")), epoch=2,
+                 best_dir=str(local / "checkpoint-5"))
+    artifact_file(tracker, run_id, "checkpoints/checkpoint-10/manifest.json").write_text('{"files": {"model.saf')
+
+    restored = store.restore(tmp_path / "restore")
+    assert restored is not None and restored.name == "checkpoint-5"
+    assert "checkpoint-10" in caplog.text and "its manifest does not parse" in caplog.text

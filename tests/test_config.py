@@ -20,11 +20,17 @@ def test_mlflow_style_values_parse():
 
 def test_precedence_defaults_file_flags_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("learning_rate: 1.0e-3\nepochs: 4\nseed: 7\n")
-    # epochs=3 equals the default, so the file's 4 stands; seed=9 differs, so the flag wins
-    cfg = parse_config(TrainConfig, ["--config_file", str(path), "--epochs", "3", "--seed", "9",
-                                     "--config", "learning_rate=2e-3"])
-    assert (cfg.learning_rate, cfg.epochs, cfg.seed) == (2e-3, 4, 9)
+    path.write_text("learning_rate: 1.0e-3\nepochs: 4\nseed: 7\nbatch_size: 8\n")
+    # an explicit flag wins over the file even when it equals the default (epochs=3); an empty one is not given
+    cfg = parse_config(TrainConfig, ["--config_file", str(path), "--epochs", "3", "--seed", "",
+                                     "--batch_size", "32", "--config", "learning_rate=2e-3"])
+    assert (cfg.learning_rate, cfg.epochs, cfg.seed, cfg.batch_size) == (2e-3, 3, 7, 32)
+
+
+def test_empty_flags_are_not_given(tmp_path):
+    # what `mlflow run` passes for every parameter the user did not set
+    cfg = parse_config(KFoldConfig, ["--epochs", "", "--resume", "", "--text_column", "", "--k_folds", "4"])
+    assert (cfg.epochs, cfg.resume, cfg.text_column, cfg.k_folds) == (3, False, "text", 4)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -94,6 +94,12 @@ def _assert_same_as_baseline(env, result, baseline, parent, before):
     assert result["cv"] == baseline["cv"]
 
 
+def _starts(log: str) -> list[int]:
+    """The step at which each training of the process started (from the `training starts at step N` log)."""
+    return [int(line.split("training starts at step ")[1].split()[0]) for line in log.splitlines()
+            if "training starts at step " in line]
+
+
 @pytest.fixture
 def env(store):
     return store
@@ -106,6 +112,8 @@ def test_sigkill_during_fold_1_resumes_from_its_checkpoint(baseline, tiny_data, 
     assert before["1"].data.tags["checkpoint"] == f"checkpoints/checkpoint-{STEPS_PER_EPOCH}"
     assert "folds 0 finished, fold 1 from epoch 1 checkpoint" in resumed.stderr
     assert "2 folds to go" in resumed.stderr
+    # the continuation itself: fold 1 restarted at its checkpoint's step, fold 2 from scratch, fold 0 not at all
+    assert _starts(resumed.stderr) == [STEPS_PER_EPOCH, 0]
     _assert_same_as_baseline(env, finished_result(env, tmp_path), baseline, parent, before)
 
 
@@ -114,6 +122,7 @@ def test_sigkill_during_checkpoint_upload_is_detected(baseline, tiny_data, tiny_
     parent, before, resumed = _kill_then_resume(tiny_data, tiny_model, tmp_path, env, "checkpoint_upload:3")
     assert "checkpoint" not in before["1"].data.tags
     assert "no manifest: the upload did not finish" in resumed.stderr
+    assert _starts(resumed.stderr) == [0, 0]  # the torn copy was not used: fold 1 started over, then fold 2
     _assert_same_as_baseline(env, finished_result(env, tmp_path), baseline, parent, before)
 
 

@@ -36,6 +36,7 @@ def test_train_killed_mid_epoch_resumes_to_identical_predictions(tiny_data, tiny
     resumed = run_entrypoint("train", train_args(tiny_data, tiny_model, resume="true"), store, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming train run {run.info.run_id} from epoch 1 checkpoint" in resumed.stderr
+    assert "training starts at step 12 of 24" in resumed.stderr  # continued at the checkpoint, not from step 0
     (after,) = parents(store, "tr", "train")
     assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
     assert artifact_text(store, after.info.run_id, "predictions.csv", tmp_path / "b") == expected

@@ -4,12 +4,19 @@ A *source* is a kfold parent run (all its fold models, averaged equally) or a tr
 model). Vote weights are per source: `equal`, `score` (each source's validation metric, normalised)
 or `optimized` (a point of the probability simplex fitted on the sources' out-of-fold predictions
 to maximise `metric`; reported against `score` and `equal` on rows the fit did not see).
+
+The stage is resumable like every other (DESIGN.md section 3). Its steps, each done at most once per
+ensemble run: log params and metrics, log the pyfunc model, register it as a new version of
+`registered_model_name`, point `alias` at that version, finish the run. A resumed run that already
+registered a version only points the alias at it; one that logged the model but did not register it
+registers that model; otherwise it does the whole thing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -21,18 +28,29 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 import pipelines
-from pipelines.config import EnsembleConfig, NotFound, UserError, fingerprint
+from pipelines import faults
+from pipelines.config import EnsembleConfig, NotFound, UserError, describe_differences, fingerprint
 from pipelines.serving import SPEC, EnsembleModel, prediction_frame
-from pipelines.stages.common import PREDICTIONS_ARTIFACT, upload_json
+from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once, recorded_settings, upload_json
 from pipelines.stages.kfold import OOF_ARTIFACT
-from pipelines.tracking import Tracker, log_pyfunc_model
+from pipelines.tracking import (
+    UNFINISHED,
+    Tracker,
+    log_pyfunc,
+    logged_model_uri,
+    model_versions_of_run,
+    register_model,
+    set_alias,
+)
 
 logger = logging.getLogger(__name__)
+STAGE = "ensemble"
+CONFIG_ARTIFACT = "config.json"  # the resolved settings and fingerprint inputs, as every stage records them
 METRICS = {"accuracy": accuracy_score, "f1_macro": lambda y, p: f1_score(y, p, average="macro")}
 
 
 class EnsembleError(UserError):
-    """A source or member cannot be used; the message names it."""
+    """A source or member cannot be used, or a resume request cannot be honoured; the message says why."""
 
 
 @dataclass
@@ -44,7 +62,7 @@ class Source:
     score: float
     fingerprint: str
     data_digest: str
-    max_length: int
+    max_length: int  # as the source run recorded it in its config.json (the value its models were trained with)
 
     @property
     def labels(self) -> list[str]:
@@ -53,33 +71,30 @@ class Source:
 
 def run(cfg: EnsembleConfig) -> dict[str, float]:
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-ens-") as tmp:
-        sources = [_source(tracker, run_id, cfg.metric, Path(tmp)) for run_id in cfg.source_ids()]
-        labels = sources[0].labels
-        for source in sources[1:]:
-            if source.labels != labels:
-                raise EnsembleError(f"source {source.run_id} predicts {source.labels}, {sources[0].run_id} {labels}")
-        rows, y, probs = _align(sources, labels)
-        weights, report = _weights(cfg, sources, probs, y)
-        members = _download_members(tracker, sources, weights, cfg.skip_missing, Path(tmp))
-        # the weights of the model actually registered (renormalised if skip_missing dropped a source)
-        weights = [sum(m["weight"] for m in members if m["source"] == s.run_id) for s in sources]
-
-        parent = tracker.start_parent("ensemble", fingerprint({"sources": cfg.source_ids(), "weights": cfg.weights,
-                                                               "metric": cfg.metric}), _lineage(sources))
-        tracker.log_params(parent, {"source_runs": ",".join(s.run_id for s in sources), "weights": cfg.weights,
-                                    "metric": cfg.metric, "oof_rows": len(rows),
-                                    **{f"weight_{s.run_id}": round(w, 6) for s, w in zip(sources, weights)}})
-        ensemble = sum(w * p for w, p in zip(weights, probs))
-        metrics = {**report, **_scores("ensemble", ensemble, y)}
-        for i, p in enumerate(probs):
-            metrics.update(_scores(f"source{i}", p, y))
-        tracker.log_metrics(parent, metrics)
-        version = _register(tracker, parent, cfg, members, labels, Path(tmp))
+        sources = _sources(tracker, cfg, Path(tmp))
+        parent, status = _open_run(tracker, cfg, fingerprint_inputs(cfg, sources), sources)
+        if status == "FINISHED":
+            logger.info("ensemble run %s already finished: nothing to do", parent)
+            return tracker.metrics(parent)
+        version = _publish(tracker, parent, cfg, sources, Path(tmp))
         tracker.finish(parent)
+        metrics = tracker.metrics(parent)
     logger.info("ensemble run %s: %s registered as %s version %s (alias %s)", parent,
-                " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("ensemble_")),
+                " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("ensemble_")),
                 cfg.registered_model_name, version, cfg.alias)
     return metrics
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _sources(tracker: Tracker, cfg: EnsembleConfig, tmp: Path) -> list[Source]:
+    sources = [_source(tracker, run_id, cfg.metric, tmp) for run_id in cfg.source_ids()]
+    labels = sources[0].labels
+    for source in sources[1:]:
+        if source.labels != labels:
+            raise EnsembleError(f"source {source.run_id} predicts {source.labels}, {sources[0].run_id} {labels}")
+    return sources
 
 
 def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
@@ -92,8 +107,8 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
         raise EnsembleError(f"source run {run_id} is a {stage or 'non-stage'} run with status {run.info.status}; "
                             "pass FINISHED kfold or train runs")
     if stage == "kfold":
-        members = [r.info.run_id for _, r in sorted(tracker.child_runs(run_id, "fold").items(), key=lambda kv: int(kv[0]))
-                   if r.info.status == "FINISHED"]
+        folds = sorted(tracker.child_runs(run_id, "fold").items(), key=lambda kv: int(kv[0]))
+        members = [r.info.run_id for _, r in folds if r.info.status == "FINISHED"]
         oof_path, score = OOF_ARTIFACT, run.data.metrics[f"cv_{metric}_mean"]
     else:
         members, oof_path, score = [run_id], PREDICTIONS_ARTIFACT, run.data.metrics[f"final_{metric}"]
@@ -101,8 +116,137 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
         oof = pd.read_csv(tracker.download(run_id, oof_path, tmp / run_id), dtype={"label": str})
     except Exception as exc:  # noqa: BLE001 - missing or unreadable artifact
         raise EnsembleError(f"source run {run_id} has no readable {oof_path} ({exc})") from None
+    # the value used is the value recorded: params may hold what `mlflow run -P` was given, not what was used
+    max_length = int(recorded_settings(tracker, run_id)["max_length"])
     return Source(run_id, stage, members, oof.drop(columns=["fold", "predicted"], errors="ignore"), score,
-                  tags.get("fingerprint", ""), tags.get("data_digest", ""), int(float(run.data.params["max_length"])))
+                  tags.get("fingerprint", ""), tags.get("data_digest", ""), max_length)
+
+
+def fingerprint_inputs(cfg: EnsembleConfig, sources: list[Source]) -> dict:
+    """Every result-affecting setting, and each source run with its own fingerprint."""
+    return {"stage": STAGE, **cfg.result_settings(), "source_runs": ",".join(s.run_id for s in sources),
+            "source_fingerprints": {s.run_id: s.fingerprint for s in sources}}
+
+
+# ---------------------------------------------------------------- the resume contract
+
+
+def _open_run(tracker: Tracker, cfg: EnsembleConfig, inputs: dict, sources: list[Source]) -> tuple[str, str]:
+    """The ensemble run to work in, and its status before this invocation ('' for a new run)."""
+    key = fingerprint(inputs)
+    parent = _choose_run(tracker, cfg, inputs, key)
+    if parent is None:
+        run_id, status = tracker.start_parent(STAGE, key, _lineage(sources)), ""
+        tracker.log_params(run_id, {**cfg.to_dict(), "fingerprint": key})
+        upload_json(tracker, run_id, CONFIG_ARTIFACT,
+                    {"settings": cfg.to_dict(), "fingerprint_inputs": inputs, "fingerprint": key})
+        logger.info("started ensemble run %s fingerprint=%s", run_id, key)
+    else:
+        run_id, status = parent.info.run_id, parent.info.status
+        if status == "RUNNING":
+            logger.warning("run %s is marked RUNNING: its process crashed or was killed without cleanup", run_id)
+        if status != "FINISHED":
+            logger.info("resuming ensemble run %s (status %s)", run_id, status)
+            tracker.reopen(run_id)
+    tracker.adopt_launcher(run_id, STAGE, bool(status), f"ensemble-{os.getpid()}")
+    return run_id, status
+
+
+def _choose_run(tracker: Tracker, cfg: EnsembleConfig, inputs: dict, key: str):
+    """The run to re-attach to, or None for a new one; raises EnsembleError where the contract refuses."""
+    if cfg.resume_from:
+        run = tracker.get_run(cfg.resume_from)
+        if run.data.tags.get("stage") != STAGE:
+            raise EnsembleError(f"resume_from={cfg.resume_from} is not an ensemble run (its stage tag is "
+                                f"{run.data.tags.get('stage')!r}); pass the id of an ensemble run")
+        _refuse_if_different(tracker, run, inputs, key)
+        return run
+    previous = tracker.parent_runs(STAGE)
+    same = [run for run in previous if run.data.tags.get("fingerprint") == key]
+    if cfg.resume:
+        if same:
+            return same[0]
+        if previous:
+            _refuse_if_different(tracker, previous[0], inputs, key)
+        logger.warning("resume=true but experiment %s has no ensemble run to resume: starting a new run",
+                       tracker.experiment_name)
+        return None
+    unfinished = [run for run in same if run.info.status in UNFINISHED]
+    if unfinished:
+        logger.warning("an unfinished ensemble run %s with the same settings exists (status %s); pass resume=true "
+                       "to continue it. Starting a new run.", unfinished[0].info.run_id, unfinished[0].info.status)
+    return None
+
+
+def _refuse_if_different(tracker: Tracker, run, inputs: dict, key: str) -> None:
+    if run.data.tags.get("fingerprint") == key:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            old = json.loads(tracker.download(run.info.run_id, CONFIG_ARTIFACT, tmp).read_text())
+            differences = describe_differences(old["fingerprint_inputs"], inputs)
+        except Exception:  # noqa: BLE001 - the run died before its config was recorded, or predates it
+            differences = ["(the earlier run recorded no config)"]
+    raise EnsembleError(f"cannot resume ensemble run {run.info.run_id}: these result-affecting settings differ: "
+                        f"{'; '.join(differences)}. Pass the original values to continue it, or resume=false to "
+                        "start a new run.")
+
+
+# ---------------------------------------------------------------- log, register, alias
+
+
+def _publish(tracker: Tracker, run_id: str, cfg: EnsembleConfig, sources: list[Source], tmp: Path) -> str:
+    """Do what run ``run_id`` has not done yet of: evaluate and log the model, register it, set the alias."""
+    name = cfg.registered_model_name
+    versions = model_versions_of_run(name, run_id)
+    if versions:
+        version = versions[-1]
+        logger.info("run %s already registered %s version %s: reused version %s (not logged or registered again)",
+                    run_id, name, version, version)
+    else:
+        model_uri = logged_model_uri(run_id)
+        if model_uri:
+            logger.info("run %s already logged model %s: registering it (not logged again)", run_id, model_uri)
+        else:
+            model_uri = _evaluate_and_log(tracker, run_id, cfg, sources, tmp)
+            faults.failpoint("ensemble_logged")
+        version = register_model(model_uri, name)
+        faults.failpoint("ensemble_registered")
+    set_alias(name, cfg.alias, version)
+    return version
+
+
+def _evaluate_and_log(tracker: Tracker, run_id: str, cfg: EnsembleConfig, sources: list[Source], tmp: Path) -> str:
+    """Weights and metrics on the shared out-of-fold rows, then the pyfunc model; returns its URI."""
+    labels = sources[0].labels
+    rows, y, probs = _align(sources, labels)
+    weights, report = _weights(cfg, sources, probs, y)
+    members = _download_members(tracker, sources, weights, cfg.skip_missing, tmp)
+    # the weights of the model actually registered (renormalised if skip_missing dropped a source)
+    weights = [sum(m["weight"] for m in members if m["source"] == s.run_id) for s in sources]
+    tracker.log_params(run_id, {"oof_rows": len(rows),
+                                **{f"weight_{s.run_id}": round(w, 6) for s, w in zip(sources, weights)}})
+    metrics = {**report, **_scores("ensemble", mix(weights, probs), y)}
+    for i, p in enumerate(probs):
+        metrics.update(_scores(f"source{i}", p, y))
+    log_once(tracker, run_id, metrics)
+    return _log_model(tracker, run_id, cfg, members, labels, tmp)
+
+
+def _log_model(tracker: Tracker, run_id: str, cfg: EnsembleConfig, members: list[dict], labels: list[str],
+               tmp: Path) -> str:
+    spec = {"labels": labels, "batch_size": cfg.eval_batch_size,
+            "members": [{k: m[k] for k in ("name", "run_id", "source", "weight", "max_length")} for m in members]}
+    upload_json(tracker, run_id, SPEC, spec)
+    spec_path = tmp / SPEC
+    spec_path.write_text(json.dumps(spec, indent=2))
+    example = pd.DataFrame({"text": ["an example sentence", "another one"]})
+    output = prediction_frame(np.full((2, len(labels)), 1.0 / len(labels)), labels)
+    return log_pyfunc(run_id, EnsembleModel(), {"spec": str(spec_path), **{m["name"]: m["path"] for m in members}},
+                      example, output, code_paths=[str(Path(pipelines.__file__).parent)])
+
+
+# ---------------------------------------------------------------- weights
 
 
 def _align(sources: list[Source], labels: list[str]):
@@ -119,6 +263,11 @@ def _align(sources: list[Source], labels: list[str]):
     return rows, y, [f[[f"prob_{name}" for name in labels]].to_numpy() for f in frames]
 
 
+def mix(weights, probs: list[np.ndarray]) -> np.ndarray:
+    """The weighted soft vote of per-source probability matrices."""
+    return sum(w * p for w, p in zip(weights, probs))
+
+
 def _score(metric: str, probs: np.ndarray, y: np.ndarray) -> float:
     return float(METRICS[metric](y, probs.argmax(axis=1)))
 
@@ -132,8 +281,23 @@ def fit_weights(probs: list[np.ndarray], y: np.ndarray, metric: str, seed: int, 
     n = len(probs)
     rng = np.random.default_rng(seed)
     candidates = np.vstack([np.full(n, 1.0 / n), np.eye(n), rng.dirichlet(np.ones(n), size=samples)])
-    values = [_score(metric, sum(w * p for w, p in zip(weights, probs)), y) for weights in candidates]
+    values = [_score(metric, mix(weights, probs), y) for weights in candidates]
     return candidates[int(np.argmax(values))]
+
+
+def heldout_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of a stratified half to fit weights on, and of the other half to compare them on."""
+    return train_test_split(np.arange(len(y)), test_size=0.5, stratify=y, random_state=seed)
+
+
+def heldout_report(probs: list[np.ndarray], y: np.ndarray, metric: str, seed: int,
+                   others: dict[str, np.ndarray]) -> dict[str, float]:
+    """``heldout_<name>_<metric>``: weights optimized on one half, and ``others``, all scored on the other half."""
+    fit_rows, held_rows = heldout_split(y, seed)
+    fitted = fit_weights([p[fit_rows] for p in probs], y[fit_rows], metric, seed)
+    held = [p[held_rows] for p in probs]
+    return {f"heldout_{name}_{metric}": _score(metric, mix(w, held), y[held_rows])
+            for name, w in {"optimized": fitted, **others}.items()}
 
 
 def _weights(cfg: EnsembleConfig, sources: list[Source], probs: list[np.ndarray], y: np.ndarray):
@@ -143,19 +307,17 @@ def _weights(cfg: EnsembleConfig, sources: list[Source], probs: list[np.ndarray]
     score = score / score.sum() if score.sum() > 0 else equal
     report = {}
     if cfg.weights == "optimized":
-        # honest comparison: fit on half the rows, compare all three weightings on the other half
-        fit_rows, held_rows = train_test_split(np.arange(len(y)), test_size=0.5, stratify=y, random_state=cfg.seed)
-        fitted = fit_weights([p[fit_rows] for p in probs], y[fit_rows], cfg.metric, cfg.seed)
-        for name, w in (("optimized", fitted), ("score", score), ("equal", equal)):
-            held = sum(wi * p[held_rows] for wi, p in zip(w, probs))
-            report[f"heldout_{name}_{cfg.metric}"] = _score(cfg.metric, held, y[held_rows])
+        report = heldout_report(probs, y, cfg.metric, cfg.seed, {"score": score, "equal": equal})
         chosen = fit_weights(probs, y, cfg.metric, cfg.seed)
-        report[f"fit_optimized_{cfg.metric}"] = _score(cfg.metric, sum(w * p for w, p in zip(chosen, probs)), y)
-        report[f"fit_equal_{cfg.metric}"] = _score(cfg.metric, sum(w * p for w, p in zip(equal, probs)), y)
+        report[f"fit_optimized_{cfg.metric}"] = _score(cfg.metric, mix(chosen, probs), y)
+        report[f"fit_equal_{cfg.metric}"] = _score(cfg.metric, mix(equal, probs), y)
     else:
         chosen = score if cfg.weights == "score" else equal
     logger.info("weights=%s: %s", cfg.weights, {s.run_id: round(float(w), 4) for s, w in zip(sources, chosen)})
     return [float(w) for w in chosen], report
+
+
+# ---------------------------------------------------------------- members and lineage
 
 
 def _download_members(tracker: Tracker, sources: list[Source], weights: list[float], skip_missing: bool,
@@ -195,17 +357,3 @@ def _lineage(sources: list[Source]) -> dict[str, str]:
     return {"member_runs": ",".join(m for s in sources for m in s.members),
             "source_fingerprints": ",".join(s.fingerprint for s in sources),
             "data_digests": ",".join(sorted({s.data_digest for s in sources})), "code_version": commit}
-
-
-def _register(tracker: Tracker, run_id: str, cfg: EnsembleConfig, members: list[dict], labels: list[str],
-              tmp: Path) -> str:
-    spec = {"labels": labels, "batch_size": cfg.eval_batch_size,
-            "members": [{k: m[k] for k in ("name", "run_id", "source", "weight", "max_length")} for m in members]}
-    upload_json(tracker, run_id, SPEC, spec)
-    spec_path = tmp / SPEC
-    spec_path.write_text(json.dumps(spec, indent=2))
-    example = pd.DataFrame({"text": ["an example sentence", "another one"]})
-    output = prediction_frame(np.full((2, len(labels)), 1.0 / len(labels)), labels)
-    return log_pyfunc_model(run_id, EnsembleModel(), {"spec": str(spec_path), **{m["name"]: m["path"] for m in members}},
-                            example, output, cfg.registered_model_name, cfg.alias,
-                            code_paths=[str(Path(pipelines.__file__).parent)])

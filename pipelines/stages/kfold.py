@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,11 @@ def run(cfg: KFoldConfig) -> dict[str, float]:
         results, _ = cross_validate(ctx, folds)
         oof = pd.concat([r.predictions.assign(fold=i) for i, r in enumerate(results)]).sort_values("row_id")
         oof = oof[["row_id", "fold", "label", "predicted", *[c for c in oof if c.startswith("prob_")]]]
-        upload_frame(tracker, ctx.parent_id, OOF_ARTIFACT, oof)
         summary = _summary([r.metrics for r in results])
-        log_once(tracker, ctx.parent_id, summary)
-        tracker.finish(ctx.parent_id)
+        with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together finish it once
+            upload_frame(tracker, ctx.parent_id, OOF_ARTIFACT, oof)
+            log_once(tracker, ctx.parent_id, summary)
+            tracker.finish(ctx.parent_id)
     logger.info("kfold run %s finished: %s", ctx.parent_id,
                 " ".join(f"{k}={v:.4f}" for k, v in summary.items() if k.startswith("cv_")))
     return summary
@@ -50,44 +52,69 @@ def run(cfg: KFoldConfig) -> dict[str, float]:
 
 def cross_validate(ctx: StageContext, folds: list[np.ndarray], after_fold=None,
                    save_model: bool = True) -> tuple[list[FitResult], bool]:
-    """Run or restore each fold as a child run of ``ctx.parent_id``.
+    """Run or restore each fold as a child run of ``ctx.parent_id``, sharing the folds with other workers.
 
-    ``after_fold(fold, results_so_far)`` may return True to stop early (pruning); the second
-    return value says whether it did.
+    A fold is trained by whoever holds its lease; folds leased by live workers are skipped, and waited for
+    once nothing else is left (a dead worker's fold is taken over when its lease goes stale).
+    ``after_fold(fold, results_so_far)`` may return True to stop early (pruning); the second return value
+    says whether it did.
     """
-    runs = ctx.tracker.child_runs(ctx.parent_id, "fold")
     if ctx.resumed:
-        logger.info(_resume_summary(ctx, runs, len(folds)))
-    results = []
-    for fold, valid_positions in enumerate(tqdm(folds, desc="folds", unit="fold")):
-        results.append(_fold(ctx, fold, len(folds), valid_positions, runs.get(str(fold)), save_model))
-        if after_fold is not None and after_fold(fold, results):
-            return results, True
-    return results, False
+        logger.info(_resume_summary(ctx, ctx.tracker.child_runs(ctx.parent_id, "fold"), len(folds)))
+    results: dict[int, FitResult] = {}
+    progress = tqdm(total=len(folds), desc="folds", unit="fold")
+    while len(results) < len(folds):
+        busy = []
+        for fold in (f for f in range(len(folds)) if f not in results):
+            result = _fold(ctx, fold, folds, save_model)
+            if result is None:
+                busy.append(fold)
+                continue
+            results[fold] = result
+            progress.update()
+            if after_fold is not None and after_fold(fold, [results[f] for f in sorted(results)]):
+                return [results[f] for f in sorted(results)], True
+        if busy:
+            logger.info("waiting for folds %s: other workers hold them", busy)
+            time.sleep(min(ctx.cfg.heartbeat_interval, 5))
+    progress.close()
+    return [results[f] for f in range(len(folds))], False
 
 
-def _fold(ctx: StageContext, fold: int, k: int, valid_positions: np.ndarray, run, save_model: bool) -> FitResult:
-    """Restore a finished fold, or train it (continuing an unfinished fold's run and checkpoint)."""
-    if run is not None and unit_done(run):
-        result = restore_unit(ctx, run.info.run_id)
-        if run.info.status != "FINISHED":
-            ctx.tracker.reopen(run.info.run_id)
-            ctx.tracker.finish(run.info.run_id)
-        return result
-    if run is None:
-        run_id = ctx.tracker.start_child(ctx.parent_id, f"fold-{fold}", {"fold": str(fold)})
-    else:
-        run_id = run.info.run_id
-        ctx.tracker.reopen(run_id)
+def _fold(ctx: StageContext, fold: int, folds: list[np.ndarray], save_model: bool) -> FitResult | None:
+    """Restore a finished fold, or train it under its lease (continuing an unfinished fold's run and checkpoint).
+
+    None when another live worker holds the fold.
+    """
+    run = ctx.tracker.child_runs(ctx.parent_id, "fold").get(str(fold))
+    if run is not None and run.info.status == "FINISHED":
+        return restore_unit(ctx, run.info.run_id)
+    lease = ctx.leases.acquire(ctx.parent_id, f"fold-{fold}")
+    if lease is None:
+        return None
+    with lease:
+        run = ctx.tracker.child_runs(ctx.parent_id, "fold").get(str(fold))  # it may have changed meanwhile
+        if run is None:
+            run_id = ctx.tracker.start_child(ctx.parent_id, f"fold-{fold}", {"fold": str(fold)})
+        else:
+            run_id = run.info.run_id
+            ctx.tracker.reopen(run_id)
+        if run is not None and unit_done(run):
+            result = restore_unit(ctx, run_id)
+        else:
+            result = _train_fold(ctx, fold, run_id, folds, lease, save_model)
+        ctx.tracker.finish(run_id)
+    return result
+
+
+def _train_fold(ctx: StageContext, fold: int, run_id: str, folds: list[np.ndarray], lease, save_model: bool):
     ctx.tracker.log_params(run_id, {**ctx.cfg.to_dict(), "fold": fold, "fingerprint": ctx.fingerprint})
     frame = ctx.data.frame
     is_valid = np.zeros(len(frame), dtype=bool)
-    is_valid[valid_positions] = True
-    logger.info("fold %d/%d: %d train rows, %d validation rows, run %s", fold + 1, k,
-                (~is_valid).sum(), is_valid.sum(), run_id)
-    result = fit_unit(ctx, run_id, frame[~is_valid], frame[is_valid], save_model=save_model)
-    ctx.tracker.finish(run_id)
-    return result
+    is_valid[folds[fold]] = True
+    logger.info("fold %d/%d: %d train rows, %d validation rows, run %s", fold + 1, len(folds), (~is_valid).sum(),
+                is_valid.sum(), run_id)
+    return fit_unit(ctx, run_id, frame[~is_valid], frame[is_valid], lease, save_model=save_model)
 
 
 def _summary(fold_metrics: list[dict[str, float]]) -> dict[str, float]:

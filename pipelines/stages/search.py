@@ -1,19 +1,20 @@
 """`optuna`: hyperparameter search on an Optuna RDB storage; trials resume from their checkpoints.
 
-Each trial is a child run tagged ``trial=<logical number>``; the Optuna trial records its run id.
-A trial that was running when its process died is failed and re-queued (immediately when its
-process on this host is gone, otherwise once its heartbeat is stale) and its retry continues in
-the same MLflow run from the latest checkpoint (objective=holdout) or its finished folds
-(objective=cv).
+Each logical trial (see pipelines/study.py) is one child run tagged ``trial=<logical number>``, shared
+by all its attempts; the Optuna trial records its run id.  A trial that was running when its process
+died is failed and re-queued (immediately when its process on this host is gone, otherwise once its
+heartbeat is stale).  A trial that raised is marked FAILED in Optuna and MLflow (tag ``error``, the
+traceback under ``errors/``) and re-queued at most ``max_retries`` times.  A retry continues in the
+same MLflow run from the latest checkpoint (objective=holdout) or its finished folds (objective=cv).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import tempfile
-import time
-from collections import Counter
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from transformers import TrainerCallback
 
 from pipelines.config import OptunaConfig, fingerprint
 from pipelines.data import fold_plan, holdout_split, load_dataset
+from pipelines.faults import raise_if
 from pipelines.models import resolve_model
 from pipelines.stages.common import (
     BEST_PARAMS_ARTIFACT,
@@ -37,26 +39,26 @@ from pipelines.stages.common import (
 )
 from pipelines.stages.kfold import cross_validate
 from pipelines.study import (
+    ERROR_ATTR,
     FINISHED,
-    OWNER_ATTR,
+    LOGICAL_ATTR,
+    SearchLimits,
     StudySettings,
+    describe_error,
     grid_of,
     load_search_space,
-    logical_number,
+    logical_numbers,
+    logical_trials,
     open_study,
+    optimize,
     recover_dead_trials,
-    redact,
     storage_for,
-    worker_id,
 )
-from pipelines.tracking import Tracker
+from pipelines.tracking import Tracker, state_storage
 
 logger = logging.getLogger(__name__)
-RUN_ATTR, LOGICAL_ATTR = "mlflow_run_id", "logical_number"
-
-
-class SurplusTrial(Exception):
-    """Another worker already started the last trial the study needs."""
+RUN_ATTR = "mlflow_run_id"
+ERROR_TAG, FAILED_ATTEMPTS_TAG = "error", "failed_attempts"
 
 
 class ReportToOptuna(TrainerCallback):
@@ -82,9 +84,9 @@ def run(cfg: OptunaConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_model(cfg.model, Path(cache))
         settings = StudySettings(
-            storage=cfg.optuna_storage, study_name=cfg.study_name, direction=cfg.optimization_direction(),
-            sampler=cfg.sampler, pruner=cfg.pruner, seed=cfg.seed, heartbeat_interval=cfg.heartbeat_interval,
-            grace_period=cfg.grace_period, grid=grid)
+            storage=state_storage(cfg.optuna_storage), study_name=cfg.study_name,
+            direction=cfg.optimization_direction(), sampler=cfg.sampler, pruner=cfg.pruner, seed=cfg.seed,
+            heartbeat_interval=cfg.heartbeat_interval, grace_period=cfg.grace_period, grid=grid)
         storage = storage_for(settings)  # a bad storage URL fails before any run is created
         extra = {"search_space": {name: repr(dist) for name, dist in sorted(space.items())}}
         ctx = open_stage("optuna", cfg, data, model, tracker, extra_inputs=extra)
@@ -92,42 +94,26 @@ def run(cfg: OptunaConfig) -> dict:
         settings.study_name = (cfg.study_name or tracker.get_run(ctx.parent_id).data.tags.get("optuna_study")
                                or f"{tracker.experiment_name}-{ctx.fingerprint}")
         study = open_study(settings, storage)
-        tracker.set_tags(ctx.parent_id, {"optuna_study": settings.study_name, "optuna_storage": redact(cfg.optuna_storage)})
+        tracker.set_tags(ctx.parent_id, {"optuna_study": settings.study_name})
         study.set_user_attr("mlflow_parent_run_id", ctx.parent_id)
-        recovered = recover_dead_trials(study, storage)
+        lock = _study_lock(ctx, storage, study)
+        with lock():
+            recovered = recover_dead_trials(study, storage)
         if ctx.resumed:
             logger.info(_resume_summary(ctx, study, cfg.n_trials, recovered))
-
-        _optimize(study, storage, _Objective(ctx, space, folds, valid, cfg.n_trials), cfg)
+        limits = SearchLimits(cfg.n_trials, cfg.max_retries, cfg.timeout, poll=min(cfg.heartbeat_interval, 5))
+        if not optimize(study, storage, _Objective(ctx, space, folds, valid, cfg.n_trials), limits, lock):
+            logger.warning("timeout=%ss reached: %d/%d trials finished; continue with resume=true", cfg.timeout,
+                           _finished(study), cfg.n_trials)
         summary = _report(ctx, study)
         tracker.finish(ctx.parent_id)
     return summary
 
 
-def _optimize(study: optuna.Study, storage, objective: "_Objective", cfg: OptunaConfig) -> None:
-    """Run trials until the study has ``n_trials`` finished ones, sharing the work with other workers.
-
-    Before each trial, crashed trials are re-queued; when every remaining trial is running in
-    another worker, this one waits (a crashed worker's trial comes back once its heartbeat is stale).
-    """
-    deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
-    waited = False
-    while deadline is None or time.monotonic() < deadline:
-        recover_dead_trials(study, storage)
-        counts = Counter(t.state for t in study.get_trials(deepcopy=False))
-        finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-        if finished >= cfg.n_trials:
-            return
-        if counts[TrialState.WAITING] == 0 and finished + counts[TrialState.RUNNING] >= cfg.n_trials:
-            if not waited:
-                logger.info("waiting for %d trial(s) running in other workers", counts[TrialState.RUNNING])
-            waited = True
-            time.sleep(min(cfg.heartbeat_interval, 5))
-            continue
-        waited = False
-        study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
-    logger.warning("timeout=%ss reached: %d/%d trials finished; continue with resume=true", cfg.timeout,
-                   _finished(study), cfg.n_trials)
+def _study_lock(ctx: StageContext, storage, study: optuna.Study):
+    """The lock under which every worker of this study creates, fails and re-queues trials (a lease)."""
+    scope = f"optuna-study-{storage.get_study_id_from_name(study.study_name)}"
+    return lambda: ctx.leases.wait_for(scope, "trials")
 
 
 def _finished(study: optuna.Study) -> int:
@@ -135,27 +121,16 @@ def _finished(study: optuna.Study) -> int:
 
 
 class _Objective:
+    """One trial: its child run (tag ``trial=<logical number>``, shared by all its attempts), training, result."""
+
     def __init__(self, ctx: StageContext, space: dict, folds, valid, n_trials: int):
         self.ctx, self.space, self.folds, self.valid, self.n_trials = ctx, space, folds, valid, n_trials
 
     def __call__(self, trial: optuna.Trial) -> float:
         ctx, tracker = self.ctx, self.ctx.tracker
-        trials = trial.study.get_trials(deepcopy=False)
-        number = logical_number(next(t for t in trials if t.number == trial.number), trials)
-        if number >= self.n_trials:
-            trial.study.stop()
-            raise SurplusTrial(f"trial {trial.number} not needed: {self.n_trials} trials are finished or running")
-        trial.set_user_attr(OWNER_ATTR, worker_id())
-        trial.set_user_attr(LOGICAL_ATTR, number)
+        number = trial.user_attrs[LOGICAL_ATTR]
         params = {name: _suggest(trial, name, dist) for name, dist in self.space.items()}
-        cfg = dataclasses.replace(ctx.cfg, **params)
-
-        run = tracker.child_runs(ctx.parent_id, "trial").get(str(number))
-        if run is None:
-            run_id = tracker.start_child(ctx.parent_id, f"trial-{number}", {"trial": str(number)})
-        else:
-            run_id = run.info.run_id
-            tracker.reopen(run_id)
+        run_id, run = self._open_run(number)
         trial.set_user_attr(RUN_ATTR, run_id)
         if run is not None and "objective" in run.data.metrics and "optuna_state" in run.data.tags:
             # finished in MLflow, but the process died before Optuna recorded it: report, do not retrain
@@ -165,18 +140,36 @@ class _Objective:
             if pruned:
                 raise optuna.TrialPruned(f"trial {number} pruned")
             return value
-        tracker.log_params(run_id, {**params, "optuna_trial_number": trial.number})
-        unit = dataclasses.replace(ctx, cfg=cfg, parent_id=run_id, resumed_status=run.info.status if run else "",
-                                   fingerprint=fingerprint({**ctx.inputs, "trial_params": params}))
         logger.info("trial %d/%d (optuna #%d) run=%s params=%s", number + 1, self.n_trials, trial.number, run_id,
                     params)
-        value, pruned = self._evaluate(trial, unit, run_id)
+        try:
+            raise_if(params)
+            unit = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, **params), parent_id=run_id,
+                                       resumed_status=run.info.status if run else "",
+                                       fingerprint=fingerprint({**ctx.inputs, "trial_params": params}))
+            tracker.log_params(run_id, {**params, "optuna_trial_number": trial.number})
+            value, pruned = self._evaluate(trial, unit, run_id)
+            if not math.isfinite(value):
+                raise ValueError(f"objective {ctx.cfg.metric} is {value}: the training diverged")
+        except Exception as exc:
+            _record_failure(tracker, run_id, trial.number, exc)
+            raise
         tracker.set_tags(run_id, {"optuna_state": "PRUNED" if pruned else "COMPLETE"})
         log_once(tracker, run_id, {"objective": value})  # last: with the tag, it marks the trial done
         tracker.finish(run_id)
         if pruned:
             raise optuna.TrialPruned(f"trial {number} pruned")
         return value
+
+    def _open_run(self, number: int):
+        """The trial's child run, continued (a retry: same run, from its checkpoint) or started."""
+        tracker = self.ctx.tracker
+        run = tracker.child_runs(self.ctx.parent_id, "trial").get(str(number))
+        if run is None:
+            return tracker.start_child(self.ctx.parent_id, f"trial-{number}", {"trial": str(number)}), None
+        tracker.reopen(run.info.run_id)
+        tracker.delete_tag(run.info.run_id, ERROR_TAG)  # the failed attempts' errors stay under errors/
+        return run.info.run_id, run
 
     def _evaluate(self, trial: optuna.Trial, unit: StageContext, run_id: str) -> tuple[float, bool]:
         metric = unit.cfg.metric
@@ -185,7 +178,8 @@ class _Objective:
             is_valid = np.zeros(len(frame), dtype=bool)
             is_valid[self.valid] = True
             reporter = ReportToOptuna(trial, metric)
-            result = fit_unit(unit, run_id, frame[~is_valid], frame[is_valid], callbacks=[reporter], save_model=False)
+            result = fit_unit(unit, run_id, frame[~is_valid], frame[is_valid], None, callbacks=[reporter],
+                              save_model=False)
             return result.metrics[metric], reporter.pruned
 
         def after_fold(fold: int, results: list) -> bool:
@@ -196,6 +190,28 @@ class _Objective:
         return float(np.mean([r.metrics[metric] for r in results])), stopped
 
 
+def _record_failure(tracker: Tracker, run_id: str, optuna_number: int, exc: Exception) -> None:
+    """Mark the trial's run (and its unfinished fold runs) FAILED with the error: tag ``error``, the count in
+    ``failed_attempts`` and the traceback in ``errors/optuna-trial-<n>.txt``."""
+    error = describe_error(exc)
+    try:
+        run = tracker.get_run(run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp, f"optuna-trial-{optuna_number}.txt")
+            path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+            tracker.upload(run_id, path, "errors")
+        failed = int(run.data.tags.get(FAILED_ATTEMPTS_TAG, "0")) + 1
+        tracker.set_tags(run_id, {ERROR_TAG: error, FAILED_ATTEMPTS_TAG: str(failed)})
+        for fold in tracker.child_runs(run_id, "fold").values():
+            if fold.info.status == "RUNNING":
+                tracker.mark_dead(fold.info.run_id, "FAILED", f"its trial failed: {error}")
+                tracker.forget(fold.info.run_id)
+        tracker.mark_dead(run_id, "FAILED", error)
+        tracker.forget(run_id)
+    except Exception as record_exc:  # noqa: BLE001 - the trial's own error matters more; Optuna records it
+        logger.warning("could not record the failure of run %s in MLflow: %s", run_id, record_exc)
+
+
 def _suggest(trial: optuna.Trial, name: str, dist):
     if isinstance(dist, CategoricalDistribution):
         return trial.suggest_categorical(name, dist.choices)
@@ -204,29 +220,29 @@ def _suggest(trial: optuna.Trial, name: str, dist):
     return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
-def _logical_trials(study: optuna.Study) -> list:
-    """One row per logical trial, its latest attempt: crashed attempts that were retried, trials that failed
-    with an exception (their number is reused) and surplus trials are left out."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return [t for t in trials if t.number not in retried and t.state != TrialState.FAIL and LOGICAL_ATTR in t.user_attrs]
-
-
 def _report(ctx: StageContext, study: optuna.Study) -> dict:
-    trials = sorted(_logical_trials(study), key=lambda t: t.user_attrs[LOGICAL_ATTR])
-    names = sorted({name for t in trials for name in t.params})
+    """``trials.csv`` (one row per logical trial: its latest attempt), best parameters, plots; the summary."""
+    trials = study.get_trials(deepcopy=False)
+    latest = logical_trials(trials)
+    names = sorted({name for t in latest.values() for name in t.params})
     table = pd.DataFrame({
-        "number": [t.user_attrs[LOGICAL_ATTR] for t in trials],
-        "state": [t.state.name for t in trials],
-        "value": [t.value for t in trials],
-        **{f"params_{name}": [t.params.get(name) for t in trials] for name in names},
+        "number": list(latest),
+        "state": [t.state.name for t in latest.values()],
+        "value": [t.value for t in latest.values()],
+        **{f"params_{name}": [t.params.get(name) for t in latest.values()] for name in names},
+        "error": [t.user_attrs.get(ERROR_ATTR, "") if t.state == TrialState.FAIL else "" for t in latest.values()],
     })
     upload_frame(ctx.tracker, ctx.parent_id, "trials.csv", table)
-    finished = [t for t in trials if t.state == TrialState.COMPLETE]
-    summary = {"n_finished": sum(t.state in FINISHED for t in trials)}
-    if finished:
+    failed = [n for n, t in latest.items() if t.state == TrialState.FAIL]
+    summary = {"n_finished": sum(t.state in FINISHED for t in latest.values()), "n_failed": len(failed)}
+    if failed:
+        logger.warning("%d trial(s) failed and were not retried further (max_retries=%d): numbers %s; their errors "
+                       "are in trials.csv and in the error tag of their runs", len(failed), ctx.cfg.max_retries,
+                       failed)
+    if any(t.state == TrialState.COMPLETE for t in trials):
         best = study.best_trial
-        summary.update(best_value=best.value, best_trial=best.user_attrs[LOGICAL_ATTR], best_params=best.params)
+        summary.update(best_value=best.value, best_trial=logical_numbers(trials)[best.number],
+                       best_params=best.params)
         upload_json(ctx.tracker, ctx.parent_id, BEST_PARAMS_ARTIFACT, best.params)
         logged = ctx.tracker.logged_steps(ctx.parent_id)
         if logged.get("best_value", -1) < summary["n_finished"]:
@@ -258,18 +274,21 @@ def _plots(ctx: StageContext, study: optuna.Study) -> None:
 
 def _resume_summary(ctx: StageContext, study: optuna.Study, n_trials: int, recovered: list[int]) -> str:
     trials = study.get_trials(deepcopy=False)
+    numbers = logical_numbers(trials)
     parts = [f"{_finished(study)}/{n_trials} trials finished"]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if complete:
+    if any(t.state == TrialState.COMPLETE for t in trials):
         best = study.best_trial
-        parts.append(f"best {best.value:.4f} (trial {best.user_attrs.get(LOGICAL_ATTR, best.number)})")
+        parts.append(f"best {best.value:.4f} (trial {numbers[best.number]})")
+    failed = [n for n, t in logical_trials(trials).items() if t.state == TrialState.FAIL]
+    if failed:
+        parts.append(f"trials {failed} failed (their numbers stay used)")
     children = ctx.tracker.child_runs(ctx.parent_id, "trial")
     for t in trials:
         if t.state == TrialState.WAITING and "failed_trial" in t.system_attrs:
-            number = t.user_attrs.get(LOGICAL_ATTR)
-            run = children.get(str(number))
+            run = children.get(str(numbers[t.number]))
             epoch = run.data.tags.get("checkpoint_epoch") if run else None
-            parts.append(f"trial {number} continues from epoch {epoch}" if epoch else f"trial {number} restarts")
+            parts.append(f"trial {numbers[t.number]} continues from epoch {epoch}" if epoch
+                         else f"trial {numbers[t.number]} restarts")
     if recovered:
         parts.append(f"recovered crashed trials {recovered}")
     return f"resuming optuna run {ctx.parent_id}: " + ", ".join(parts)

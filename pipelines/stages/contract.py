@@ -1,0 +1,251 @@
+"""The resume contract for a stage's parent run (DESIGN.md section 3): start, re-attach, refuse, share.
+
+A stage invocation ends up attached to one parent run:
+- ``resume=false``: always a new parent run;
+- ``resume=true``: the newest parent of the stage with the same fingerprint (refused, with the differing
+  settings listed, when the newest has other settings; a new one, said so, when there is none);
+- ``resume_from=<run id>``: that run, refused when its settings differ.
+Choosing or creating the parent happens under a lease, so workers started at the same instant with
+``resume=true`` join one parent. Each worker then holds a *worker lease* in the parent's scope for as long
+as it works on it: a RUNNING run without a live lease belongs to a dead process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import numpy as np
+
+from pipelines.config import (
+    TUNABLE,
+    Coordinated,
+    NotFound,
+    Settings,
+    UserError,
+    convert_value,
+    describe_differences,
+    fingerprint,
+)
+from pipelines.data import Dataset
+from pipelines.leases import Lease, LeaseStore
+from pipelines.models import ModelSource
+from pipelines.study import redact
+from pipelines.tracking import INVOCATION_TAG, UNFINISHED, Tracker, state_storage
+
+logger = logging.getLogger(__name__)
+
+CONFIG_ARTIFACT = "config.json"
+BEST_PARAMS_ARTIFACT = "best_params.json"
+STATUS_REASON_TAG = "status_reason"
+VERSIONED = ("torch", "transformers", "mlflow", "optuna")
+OPEN_TIMEOUT = 600  # seconds a worker waits for another one choosing the same parent
+
+
+class ResumeError(UserError):
+    """A resume request cannot be honoured; the message says why and what to run instead."""
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's units need: settings, data, model, the open parent run and the lease store."""
+
+    stage: str
+    cfg: Settings
+    data: Dataset
+    model: ModelSource
+    tracker: Tracker
+    inputs: dict  # fingerprint inputs
+    fingerprint: str
+    leases: LeaseStore | None = None
+    parent_id: str = ""
+    resumed_status: str = ""  # status of the parent run before this invocation re-attached to it
+    worker: Lease | None = field(default=None, repr=False)
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.resumed_status)
+
+    def others_working(self) -> bool:
+        """Whether another worker holds a live lease on this parent (then this one must not end it)."""
+        own = self.worker.owner if self.worker else None
+        return any(info.owner != own for info in self.leases.live(self.parent_id))
+
+
+def open_stage(stage: str, cfg: Coordinated, data: Dataset, model: ModelSource, tracker: Tracker,
+               extra_inputs: dict | None = None, checked_tags: dict | None = None) -> StageContext:
+    """Start a new parent run or re-attach to one, following the resume contract.
+
+    ``extra_inputs`` are further result-affecting values for the fingerprint (e.g. a parsed search space);
+    ``checked_tags`` are recorded on a new parent and must be equal on a resumed one (e.g. the Optuna storage).
+    """
+    if getattr(cfg, "params_from", ""):
+        cfg = _with_best_params(cfg, tracker)
+    inputs = {"stage": stage, **cfg.result_settings(), "data_digest": data.digest, "model_digest": model.digest,
+              **(extra_inputs or {})}
+    ctx = StageContext(stage, cfg, data, model, tracker, inputs, fingerprint(inputs))
+    storage = state_storage(cfg.optuna_storage)
+    ctx.leases = LeaseStore(storage, cfg.heartbeat_interval, cfg.grace_period)
+    checked = {"optuna_storage": redact(storage), **(checked_tags or {})}
+    with ctx.leases.wait_for(f"{tracker.experiment_id}/{stage}/{ctx.fingerprint}", "open", timeout=OPEN_TIMEOUT):
+        parent = _choose_parent(ctx)
+        if parent is None:
+            _start_parent(ctx, checked)
+        else:
+            _attach(ctx, parent, checked)
+        ctx.worker = ctx.leases.acquire(ctx.parent_id, f"worker-{id(ctx):x}")
+    tracker.share(ctx.parent_id, ctx.others_working)
+    tracker.on_close(ctx.worker.release)
+    tracker.adopt_launcher(ctx.parent_id, stage, ctx.resumed, ctx.worker.owner)
+    _sweep_dead_runs(ctx)
+    return ctx
+
+
+def _choose_parent(ctx: StageContext):
+    """The parent run to re-attach to, or None for a new one (raises ResumeError when the contract refuses)."""
+    cfg, tracker, stage = ctx.cfg, ctx.tracker, ctx.stage
+    if cfg.resume_from:
+        parent = tracker.get_run(cfg.resume_from)
+        if parent.data.tags.get("stage") != stage:
+            raise ResumeError(f"resume_from={cfg.resume_from} is not a {stage} parent run "
+                              f"(its stage tag is {parent.data.tags.get('stage')!r}); pass the id of a {stage} run")
+        _refuse_if_different(ctx, parent)
+        return parent
+    previous = tracker.parent_runs(stage)
+    same = [run for run in previous if run.data.tags.get("fingerprint") == ctx.fingerprint]
+    if cfg.resume and same:
+        return same[0]
+    if cfg.resume and previous:
+        _refuse_if_different(ctx, previous[0])
+    if cfg.resume:
+        logger.warning("resume=true but the experiment has no %s run to resume: starting a new run", stage)
+    unfinished = [run for run in same if run.info.status in UNFINISHED]
+    if unfinished and not cfg.resume:
+        run = unfinished[0]
+        logger.warning("an unfinished %s run %s with the same settings exists (status %s); pass resume=true "
+                       "to continue it. Starting a new run.", stage, run.info.run_id, run.info.status)
+    return None
+
+
+def _start_parent(ctx: StageContext, checked: dict) -> None:
+    source = getattr(ctx.cfg, "params_from", "")
+    tags = {"data_digest": ctx.data.digest, **checked, **environment(),
+            **({"params_source": source} if source else {})}
+    ctx.parent_id = ctx.tracker.start_parent(ctx.stage, ctx.fingerprint, tags)
+    ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_dict(), "data_digest": ctx.data.digest,
+                                           "model_digest": ctx.model.digest, "fingerprint": ctx.fingerprint})
+    record = {"settings": ctx.cfg.to_dict(), "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
+    upload_json(ctx.tracker, ctx.parent_id, CONFIG_ARTIFACT, record)
+    logger.info("started %s run %s fingerprint=%s", ctx.stage, ctx.parent_id, ctx.fingerprint)
+
+
+def _attach(ctx: StageContext, parent, checked: dict) -> None:
+    tags = parent.data.tags
+    for key, value in checked.items():
+        if tags.get(key, value) != value:
+            raise ResumeError(f"cannot resume {ctx.stage} run {parent.info.run_id}: it used {key}={tags[key]}, this "
+                              f"invocation {key}={value}; pass {key}={tags[key]} (the state of its units is there)")
+    old = {k: tags[k] for k in environment() if k in tags}
+    changed = describe_differences(old, {k: v for k, v in environment().items() if k in old})
+    if changed:
+        logger.warning("run %s was started with other software or hardware (%s): results may differ in the last "
+                       "bits from an uninterrupted run", parent.info.run_id, "; ".join(changed))
+    ctx.parent_id, ctx.resumed_status = parent.info.run_id, parent.info.status
+    if parent.info.status == "RUNNING" and not ctx.leases.live(ctx.parent_id):
+        logger.warning("run %s is marked RUNNING but no worker holds it: its process died", ctx.parent_id)
+    ctx.tracker.reopen(ctx.parent_id)
+
+
+def environment() -> dict[str, str]:
+    """Library versions and the device, recorded on every parent run."""
+    import torch
+
+    versions = {f"{name}_version": metadata.version(name) for name in VERSIONED}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    return {**versions, "device": device}
+
+
+def _sweep_dead_runs(ctx: StageContext) -> None:
+    """Mark RUNNING parents of this stage whose workers are all gone (no live lease) FAILED, and RUNNING launcher
+    runs whose worker is gone KILLED, each tagged with why: the UI must not show runs that run forever."""
+    tracker = ctx.tracker
+    for run in tracker.running_runs():
+        tags, run_id = run.data.tags, run.info.run_id
+        if tags.get("stage") == ctx.stage and run_id != ctx.parent_id and not ctx.leases.live(run_id):
+            tracker.mark_dead(run_id, "FAILED", "its process died: no worker holds a live lease on it")
+        elif tags.get(INVOCATION_TAG) == ctx.stage and run_id != tracker.launcher_id():
+            owners = {info.owner for info in ctx.leases.live(tags.get("stage_run_id", ""))}
+            if tags.get("worker") not in owners:
+                tracker.mark_dead(run_id, "KILLED", "the process of this invocation died")
+
+
+def _refuse_if_different(ctx: StageContext, run) -> None:
+    if run.data.tags.get("fingerprint") == ctx.fingerprint:
+        return
+    try:
+        differences = describe_differences(recorded(ctx.tracker, run.info.run_id)["fingerprint_inputs"], ctx.inputs)
+    except NotFound:
+        differences = ["(the earlier run recorded no config)"]
+    raise ResumeError(
+        f"cannot resume {ctx.stage} run {run.info.run_id}: these result-affecting settings differ: "
+        f"{'; '.join(differences)}. Pass the original values to continue it, or resume=false to start a new run."
+    )
+
+
+def recorded(tracker: Tracker, run_id: str) -> dict:
+    """A stage run's ``config.json``: ``settings`` (the resolved values it used), ``fingerprint_inputs``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(tracker.download(run_id, CONFIG_ARTIFACT, tmp).read_text())
+        except Exception as exc:  # noqa: BLE001 - missing, unreadable or not ours
+            raise NotFound(f"run {run_id} has no readable {CONFIG_ARTIFACT} ({exc}); it was not made by a pipelines "
+                           "stage, or died before recording its settings: pass a finished stage run") from None
+
+
+def recorded_settings(tracker: Tracker, run_id: str) -> dict:
+    """The resolved settings a stage run used. Never read a run's params for this: under ``mlflow run`` the
+    launcher's params hold the literal ``-P`` values."""
+    return recorded(tracker, run_id)["settings"]
+
+
+def _with_best_params(cfg, tracker: Tracker):
+    """``cfg`` with the parameters of the optuna or kfold run ``cfg.params_from`` (``latest``: newest search).
+
+    From an optuna run: its best parameters. From a kfold run: its recorded tunable settings, and for
+    ``epochs=0`` (retrain) the mean best epoch over its folds, rounded to the nearest whole epoch.
+    """
+    source = cfg.params_from
+    if source == "latest":
+        runs = [r for r in tracker.parent_runs("optuna") if r.info.status == "FINISHED"]
+        if not runs:
+            raise NotFound("params_from=latest: no finished optuna run in this experiment; run -e optuna first")
+        source = runs[0].info.run_id
+    stage = tracker.get_run(source).data.tags.get("stage")
+    if stage not in ("optuna", "kfold"):
+        raise NotFound(f"params_from={cfg.params_from}: run {source} is a {stage or 'non-stage'} run; pass an "
+                       "optuna or kfold run id (or latest)")
+    used = recorded_settings(tracker, source)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    settings = {name: convert_value(name, used[name], defaults[name]) for name in TUNABLE if name != "epochs"}
+    if stage == "optuna":
+        with tempfile.TemporaryDirectory() as tmp:
+            settings.update(json.loads(tracker.download(source, BEST_PARAMS_ARTIFACT, tmp).read_text()))
+    if not cfg.epochs and "epochs" not in settings:  # retrain's epochs=0: take them from the source
+        folds = [r for r in tracker.child_runs(source, "fold").values() if "final_best_epoch" in r.data.metrics]
+        best = [r.data.metrics["final_best_epoch"] for r in folds]
+        settings["epochs"] = max(1, round(float(np.mean(best)))) if best else int(used["epochs"])
+    logger.info("params_from=%s: using parameters of %s run %s: %s", cfg.params_from, stage, source, settings)
+    return dataclasses.replace(cfg, params_from=source, **settings)
+
+
+def upload_json(tracker: Tracker, run_id: str, name: str, payload: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/{name}"
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+        tracker.upload(run_id, path)
