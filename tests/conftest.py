@@ -24,6 +24,7 @@ def make_tiny_data(path: Path, per_class: int = 40) -> Path:
 
 def make_tiny_model(folder: Path) -> Path:
     """A 2-layer, 32-wide BERT with a WordPiece vocabulary trained on the demo data."""
+    import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
@@ -41,6 +42,7 @@ def make_tiny_model(folder: Path) -> Path:
                             sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
     config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)  # the same tiny model in every test session
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
 

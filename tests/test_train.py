@@ -47,3 +47,35 @@ def test_train_killed_mid_epoch_resumes_to_identical_predictions(tiny_data, tiny
     again = run_entrypoint("train", train_args(tiny_data, tiny_model, resume="true"), store, tmp_path)
     assert again.returncode == 0 and "already finished: nothing to do" in again.stderr
     assert len(parents(store, "tr", "train")) == 1
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_early_stopping_state_survives_a_kill_after_a_non_improving_evaluation(tiny_data, tiny_model, tmp_path, store,
+                                                                              patience):
+    args = train_args(tiny_data, tiny_model, epochs=6, learning_rate=1e-2, seed=42, metric="loss",
+                      early_stopping_patience=patience)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    ref_env = {**store, "MLFLOW_TRACKING_URI": f"sqlite:///{reference}/mlflow.db"}
+    done = run_entrypoint("train", args, ref_env, reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (ref,) = parents(ref_env, "tr", "train")
+    stopped = int(ref.data.metrics["final_epochs_trained"])
+    assert stopped < 6, "early stopping did not trigger: the scenario needs it"
+    # the kill comes right after the checkpoint of a non-improving evaluation: the last one (patience 1, training
+    # had decided to stop) or the one before it (patience 2: a patience counter reset by the resume trains on)
+    epoch = stopped - (patience - 1)  # 12 steps per epoch
+    killed = run_entrypoint("train", args, {**store, "PIPELINES_FAILPOINT": f"checkpoint_committed:{epoch}"}, tmp_path)
+    assert killed.returncode == -signal.SIGKILL  # right after the non-improving evaluation's checkpoint
+    resumed = run_entrypoint("train", {**args, "resume": "true"}, store, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if patience == 1:  # training had decided to stop there: nothing more is trained
+        assert f"training had already stopped early at step {12 * epoch}" in resumed.stderr
+        assert "training starts at step" not in resumed.stderr
+    else:  # it goes on from the checkpoint, the patience counter (1 of 2) restored with it
+        assert f"training starts at step {12 * epoch} of 72" in resumed.stderr
+    (after,) = parents(store, "tr", "train")
+    final = {k: v for k, v in after.data.metrics.items() if k.startswith("final_")}
+    assert final == {k: v for k, v in ref.data.metrics.items() if k.startswith("final_")}
+    assert artifact_text(store, after.info.run_id, "predictions.csv", tmp_path / "b") == \
+        artifact_text(ref_env, ref.info.run_id, "predictions.csv", tmp_path / "a")
