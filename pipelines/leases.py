@@ -299,7 +299,7 @@ class LeaseStore:
         if stale is not None:
             stale._abandon()
         if previous is None:
-            logger.info("lease acquired scope=%s unit=%s owner=%s", scope, unit, self.owner)
+            logger.debug("lease acquired scope=%s unit=%s owner=%s", scope, unit, self.owner)
         else:
             logger.warning("lease taken over scope=%s unit=%s owner=%s previous_owner=%s age=%.1fs",
                            scope, unit, self.owner, previous.owner, time.time() - previous.heartbeat)
