@@ -119,7 +119,7 @@ class Tracker:
 
     def __init__(self, experiment_name: str = ""):
         mlflow.set_tracking_uri(tracking_uri())
-        self.client = MlflowClient()
+        self.client = _while_store_initialises(MlflowClient)  # may create the store's schema
         self.experiment_id = _while_store_initialises(lambda: self._experiment(experiment_name))
         self.experiment_name = self.client.get_experiment(self.experiment_id).name
         self._open: list[str] = []

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,87 +22,162 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_entrypoint, store_env
-from helpers import artifact_text, children, client, parents
+from helpers import artifact_text, children, client, metric_steps, parents
 from sklearn.metrics import f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from pipelines.config import EnsembleConfig
+from pipelines.stages import ensemble as stage
+from pipelines.stages.ensemble import fit_weights, heldout_report, heldout_split
+
 pytestmark = pytest.mark.slow
-TEXTS = ["The computer crashed again.", "Vote for the senator!", "Atoms are mostly empty space.", "x"]
+LONG = "The senator said that the new computer for the science lab crashed again during the budget vote last week."
+TEXTS = ["The computer crashed again.", "Vote for the senator!", "Atoms are mostly empty space.", "x", LONG]
+RECORDED_MAX_LENGTH_B = 12  # what source b's config.json says it used; its params say 32
 
 
 @pytest.fixture(scope="module")
 def cv(tiny_data, tiny_model, tmp_path_factory):
-    """Two finished 3-fold kfold runs (different seeds) in one store."""
+    """Two finished 3-fold kfold runs (different seeds) in one store.
+
+    Source b's recorded settings (config.json) say max_length=12 while its params say 32, as in runs made
+    when the `mlflow run` launcher (whose params are the literal -P values) was the stage's parent: the
+    ensemble must use the recorded value.
+    """
     folder = tmp_path_factory.mktemp("ensemble-store")
     env = store_env(folder)
     for seed in (1, 2):
-        args = dict(data=tiny_data, model=tiny_model, k_folds=3, epochs=2, max_length=32, learning_rate=1e-3,
-                    seed=seed, early_stopping_patience=1, experiment_name="ens")
+        args = {"data": tiny_data, "model": tiny_model, "k_folds": 3, "epochs": 2, "max_length": 32,
+                "learning_rate": 1e-3, "seed": seed, "early_stopping_patience": 1, "experiment_name": "ens"}
         proc = run_entrypoint("kfold", args, env, folder)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = parents(env, "ens", "kfold")
-    return {"env": env, "folder": folder, "a": runs[0], "b": runs[1]}
+    a, b = parents(env, "ens", "kfold")
+    record = json.loads(artifact_text(env, b.info.run_id, "config.json", folder / "config-b"))
+    record["settings"]["max_length"] = RECORDED_MAX_LENGTH_B
+    rewritten = folder / "rewritten" / "config.json"
+    rewritten.parent.mkdir()
+    rewritten.write_text(json.dumps(record))
+    client(env).log_artifact(b.info.run_id, str(rewritten))
+    return {"env": env, "folder": folder, "a": a, "b": b}
 
 
-def ensemble(cv, name, *sources, **extra):
+def ensemble(cv, name, *sources, env=None, **extra):
     args = {"source_runs": ",".join(s.info.run_id for s in sources), "registered_model_name": name,
             "experiment_name": "ens", **extra}
-    return run_entrypoint("ensemble", args, cv["env"], cv["folder"])
+    return run_entrypoint("ensemble", args, {**cv["env"], **(env or {})}, cv["folder"])
 
 
-def independent_average(env, fold_runs, weights, texts, tmp) -> np.ndarray:
-    """Soft vote computed here, from the fold models' own artifacts, without pipelines' inference code."""
+def fold_runs(cv, source) -> list:
+    return sorted(children(cv["env"], "ens", source.info.run_id), key=lambda r: int(r.data.tags["fold"]))
+
+
+def independent_average(env, members, texts, tmp) -> np.ndarray:
+    """Soft vote computed here, from the fold models' own artifacts, without pipelines' inference code.
+
+    ``members``: (fold run, weight, max_length) triples.
+    """
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     total = 0
-    for run, weight in zip(fold_runs, weights):
-        path = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", dst_path=str(tmp / run.info.run_id))
+    for run, weight, max_length in members:
+        uri = f"runs:/{run.info.run_id}/model"
+        path = mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp / run.info.run_id))
         tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForSequenceClassification.from_pretrained(path)
+        batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         with torch.no_grad():
-            logits = model(**tokenizer(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")).logits
+            logits = model(**batch).logits
         total = total + weight * torch.softmax(logits.double(), dim=-1).numpy()
     return total
 
 
-def test_registered_ensemble_equals_independent_weighted_average(cv, tmp_path):
-    proc = ensemble(cv, "single", cv["a"], weights="score")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    env = cv["env"]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    model = mlflow.pyfunc.load_model("models:/single@champion")
-    out = model.predict(pd.DataFrame({"text": TEXTS}))
-    folds = sorted(children(env, "ens", cv["a"].info.run_id), key=lambda r: int(r.data.tags["fold"]))
-    expected = independent_average(env, folds, [1 / 3] * 3, TEXTS, tmp_path)
-    got = out[["prob_computers", "prob_politics", "prob_science"]].to_numpy()
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
-    assert out["label"].tolist() == [["computers", "politics", "science"][i] for i in expected.argmax(axis=1)]
-
-    (run,) = parents(env, "ens", "ensemble")
-    assert run.data.tags["member_runs"] == ",".join(r.info.run_id for r in folds)
-    assert run.data.tags["source_fingerprints"] == cv["a"].data.tags["fingerprint"]
-    assert run.data.tags["data_digests"] == cv["a"].data.tags["data_digest"]
-    oof = pd.read_csv(io.StringIO(artifact_text(env, cv["a"].info.run_id, "oof_predictions.csv", tmp_path / "oof")))
-    assert run.data.metrics["ensemble_f1_macro"] == f1_score(oof["label"], oof["predicted"], average="macro")
-    assert client(env).get_model_version_by_alias("single", "champion").run_id == run.info.run_id
+def oof_probs(cv, source, tmp) -> pd.DataFrame:
+    frame = pd.read_csv(io.StringIO(artifact_text(cv["env"], source.info.run_id, "oof_predictions.csv", tmp)))
+    return frame.set_index("row_id").sort_index()
 
 
-def test_score_weights_are_normalised_metrics_and_optimized_is_reported_honestly(cv):
-    a, b = cv["a"], cv["b"]
+def test_score_weighted_pair_equals_independent_average_with_recorded_max_length(cv, tmp_path):
+    env, a, b = cv["env"], cv["a"], cv["b"]
+    sa, sb = a.data.metrics["cv_f1_macro_mean"], b.data.metrics["cv_f1_macro_mean"]
+    assert sa != sb, "the sources must score differently for score weights to mean anything"
+    assert b.data.params["max_length"] == "32"  # the params disagree with the recorded settings
     proc = ensemble(cv, "pair", a, b, weights="score")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = parents(cv["env"], "ens", "ensemble")[-1]
-    sa, sb = a.data.metrics["cv_f1_macro_mean"], b.data.metrics["cv_f1_macro_mean"]
-    assert float(run.data.params[f"weight_{a.info.run_id}"]) == round(sa / (sa + sb), 6)
-    assert float(run.data.params[f"weight_{b.info.run_id}"]) == round(sb / (sa + sb), 6)
+    run = parents(env, "ens", "ensemble")[-1]
+    wa, wb = sa / (sa + sb), sb / (sa + sb)
+    assert float(run.data.params[f"weight_{a.info.run_id}"]) == round(wa, 6)
+    assert float(run.data.params[f"weight_{b.info.run_id}"]) == round(wb, 6)
+    spec = json.loads(artifact_text(env, run.info.run_id, "ensemble.json", tmp_path / "spec"))
+    assert [m["max_length"] for m in spec["members"]] == [32] * 3 + [RECORDED_MAX_LENGTH_B] * 3
 
-    proc = ensemble(cv, "pair", a, b, weights="optimized")
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    out = mlflow.pyfunc.load_model("models:/pair@champion").predict(pd.DataFrame({"text": TEXTS}))
+    got = out[["prob_computers", "prob_politics", "prob_science"]].to_numpy()
+    folds_a, folds_b = fold_runs(cv, a), fold_runs(cv, b)
+    members = [(r, wa / 3, 32) for r in folds_a] + [(r, wb / 3, RECORDED_MAX_LENGTH_B) for r in folds_b]
+    expected = independent_average(env, members, TEXTS, tmp_path)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert out["label"].tolist() == [["computers", "politics", "science"][i] for i in expected.argmax(axis=1)]
+    with_params = independent_average(env, [(r, w, 32) for r, w, _ in members], TEXTS, tmp_path)
+    assert not np.allclose(got, with_params, rtol=0, atol=1e-6), "LONG must be truncated differently at 12 and 32"
+
+    assert run.data.tags["member_runs"] == ",".join(r.info.run_id for r in folds_a + folds_b)
+    assert run.data.tags["source_fingerprints"] == f"{a.data.tags['fingerprint']},{b.data.tags['fingerprint']}"
+    assert run.data.tags["data_digests"] == a.data.tags["data_digest"]
+    oof_a, oof_b = oof_probs(cv, a, tmp_path / "oa"), oof_probs(cv, b, tmp_path / "ob")
+    columns = ["prob_computers", "prob_politics", "prob_science"]
+    vote = (wa * oof_a[columns].to_numpy() + wb * oof_b[columns].to_numpy()).argmax(axis=1)
+    predicted = [["computers", "politics", "science"][i] for i in vote]
+    assert run.data.metrics["ensemble_f1_macro"] == pytest.approx(f1_score(oof_a["label"], predicted, average="macro"),
+                                                                  abs=1e-12)
+    assert client(env).get_model_version_by_alias("pair", "champion").run_id == run.info.run_id
+
+
+def test_fit_weights_puts_the_mass_on_the_informative_source():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 60)
+    informative = rng.dirichlet(np.ones(3), size=len(y)) * 0.5
+    informative[np.arange(len(y)), y] += 0.5  # the true class always gets at least half the mass
+    noise = [rng.dirichlet(np.ones(3), size=len(y)) for _ in range(2)]
+    weights = fit_weights([noise[0], informative, noise[1]], y, "f1_macro", seed=3)
+    assert weights[1] > 0.6, weights
+    assert abs(weights.sum() - 1) < 1e-9
+    assert f1_score(y, informative.argmax(axis=1), average="macro") == 1.0
+
+
+def test_heldout_metrics_score_rows_the_fit_did_not_see():
+    y = np.repeat(np.arange(3), 30)
+    fit_rows, held_rows = heldout_split(y, seed=7)
+    assert not set(fit_rows) & set(held_rows) and sorted([*fit_rows, *held_rows]) == list(range(len(y)))
+    assert all(np.bincount(y[rows]).tolist() == [15, 15, 15] for rows in (fit_rows, held_rows))
+    # source 0 is right exactly on the fit half, source 1 exactly on the held-out half
+    right, wrong = np.eye(3)[y] * 0.8 + 0.1, np.eye(3)[(y + 1) % 3] * 0.8 + 0.1
+    first, second = wrong.copy(), right.copy()
+    first[fit_rows], second[fit_rows] = right[fit_rows], wrong[fit_rows]
+    report = heldout_report([first, second], y, "f1_macro", 7, {"equal": np.array([0.5, 0.5])})
+    fitted = fit_weights([first[fit_rows], second[fit_rows]], y[fit_rows], "f1_macro", 7)
+    assert fitted.tolist() == [1.0, 0.0]  # the fit only saw rows where source 0 is right
+    held = lambda w: f1_score(y[held_rows], (w[0] * first + w[1] * second)[held_rows].argmax(axis=1), average="macro")
+    assert report["heldout_optimized_f1_macro"] == held(fitted) == 0.0
+    assert report["heldout_equal_f1_macro"] == held([0.5, 0.5])
+
+
+def test_optimized_weights_are_fitted_reported_and_registered(cv, tmp_path):
+    a, b = cv["a"], cv["b"]
+    proc = ensemble(cv, "optimized", a, b, weights="optimized")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = parents(cv["env"], "ens", "ensemble")[-1]
     m = run.data.metrics
-    assert m["fit_optimized_f1_macro"] >= m["fit_equal_f1_macro"]
     for name in ("heldout_optimized_f1_macro", "heldout_score_f1_macro", "heldout_equal_f1_macro",
-                 "source0_f1_macro", "source1_f1_macro", "ensemble_f1_macro"):
+                 "fit_optimized_f1_macro", "fit_equal_f1_macro", "source0_f1_macro", "source1_f1_macro"):
         assert 0.0 <= m[name] <= 1.0
-    assert str(client(cv["env"]).get_model_version_by_alias("pair", "champion").version) == "2"
+    oof_a, oof_b = oof_probs(cv, a, tmp_path / "oa"), oof_probs(cv, b, tmp_path / "ob")
+    columns = ["prob_computers", "prob_politics", "prob_science"]
+    y = oof_a["label"].map({"computers": 0, "politics": 1, "science": 2}).to_numpy()
+    expected = fit_weights([oof_a[columns].to_numpy(), oof_b[columns].to_numpy()], y, "f1_macro", 42)
+    logged = [float(run.data.params[f"weight_{s.info.run_id}"]) for s in (a, b)]
+    np.testing.assert_allclose(logged, expected, atol=1e-6)
+    assert m["ensemble_f1_macro"] == m["fit_optimized_f1_macro"]
+    version = client(cv["env"]).get_model_version_by_alias("optimized", "champion")
+    assert version.run_id == run.info.run_id and str(version.version) == "1"
 
 
 def _free_port() -> int:
@@ -122,9 +199,12 @@ def _post(port: int, body: bytes, content_type="application/json") -> tuple[int,
 def test_mlflow_models_serve_answers_good_and_malformed_requests(cv):
     assert ensemble(cv, "served", cv["a"], weights="equal").returncode == 0
     port = _free_port()
-    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/served@champion", "--env-manager", "local",
-                               "--host", "127.0.0.1", "-p", str(port)], env=cv["env"], cwd=cv["folder"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    bin_dir = str(Path(sys.executable).parent)  # the environment's `mlflow` and its server, whatever PATH says
+    env = {**cv["env"], "PATH": f"{bin_dir}{os.pathsep}{cv['env'].get('PATH', '')}"}
+    server = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/served@champion",
+                               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)], env=env,
+                              cwd=cv["folder"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -209,5 +289,85 @@ def test_missing_member_is_named_or_skipped(cv, tiny_data, tiny_model):
     accepted = ensemble(cv, "partial", cv["a"], train, weights="equal", skip_missing="true")
     assert accepted.returncode == 0, accepted.stderr[-3000:]
     assert f"member run {train.info.run_id} skipped" in accepted.stderr
-    spec = json.loads(artifact_text(env, parents(env, "ens", "ensemble")[-1].info.run_id, "ensemble.json", folder / "s"))
+    newest = parents(env, "ens", "ensemble")[-1]
+    spec = json.loads(artifact_text(env, newest.info.run_id, "ensemble.json", folder / "s"))
     assert [round(m["weight"], 9) for m in spec["members"]] == [round(1 / 3, 9)] * 3
+
+
+def test_resume_contract_of_the_ensemble_run(cv, tmp_path, monkeypatch, caplog):
+    """resume=false starts anew (naming an unfinished twin); resume=true re-attaches, or refuses listing differences."""
+    from pipelines.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cv["env"]["MLFLOW_TRACKING_URI"])
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    caplog.set_level(logging.INFO, logger="pipelines")
+    base = {"source_runs": cv["a"].info.run_id, "registered_model_name": "contract",
+            "experiment_name": "ens-contract", "weights": "equal"}
+    with Tracker("ens-contract") as tracker:
+        def choose(**changes):
+            cfg = EnsembleConfig(**{**base, **changes})
+            inputs = stage.fingerprint_inputs(cfg, sources)
+            return stage._choose_run(tracker, cfg, inputs, stage.fingerprint(inputs))
+
+        sources = stage._sources(tracker, EnsembleConfig(**base), tmp_path)
+        assert choose(resume=True) is None
+        assert "resume=true but experiment ens-contract has no ensemble run to resume" in caplog.text
+        cfg = EnsembleConfig(**base)
+        run_id, status = stage._open_run(tracker, cfg, stage.fingerprint_inputs(cfg, sources), sources)
+        assert status == ""  # a new run, left RUNNING as by a crash
+
+        caplog.clear()
+        assert choose() is None
+        assert f"an unfinished ensemble run {run_id} with the same settings exists" in caplog.text
+        assert choose(resume=True).info.run_id == run_id
+        assert choose(resume_from=run_id).info.run_id == run_id
+        for changes in ({"resume": True, "weights": "score"}, {"resume_from": run_id, "weights": "score"},
+                        {"resume": True, "seed": 1}, {"resume": True, "skip_missing": True}):
+            with pytest.raises(stage.EnsembleError, match=f"cannot resume ensemble run {run_id}") as refused:
+                choose(**changes)
+            name, value = next((k, v) for k, v in changes.items() if not k.startswith("resume"))
+            assert f"{name}: {base.get(name, EnsembleConfig.__dataclass_fields__[name].default)} -> {value}" in str(
+                refused.value)
+        with pytest.raises(stage.EnsembleError, match="is not an ensemble run"):
+            choose(resume_from=cv["a"].info.run_id)
+        tracker.finish(run_id)
+
+
+def test_ensemble_killed_at_each_step_resumes_to_one_model_one_version_and_the_alias(cv):
+    env, exp, name = cv["env"], "ens-resume", "resumed"
+
+    def attempt(failpoint="", **extra):
+        return ensemble(cv, name, cv["a"], env={"PIPELINES_FAILPOINT": failpoint} if failpoint else None,
+                        **{"weights": "equal", "experiment_name": exp, **extra})
+
+    killed = attempt("ensemble_logged:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (run,) = parents(env, exp, "ensemble")
+    run_id = run.info.run_id
+    assert run.info.status == "RUNNING" and client(env).search_model_versions(f"name = '{name}'") == []
+
+    killed = attempt("ensemble_registered:1", resume="true")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert f"run {run_id} already logged model" in killed.stderr
+    (version,) = client(env).search_model_versions(f"name = '{name}'")
+    assert version.run_id == run_id and not client(env).get_registered_model(name).aliases
+
+    refused = attempt(resume="true", weights="score")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"cannot resume ensemble run {run_id}" in refused.stderr and "weights: equal -> score" in refused.stderr
+
+    resumed = attempt(resume="true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"reused version {version.version}" in resumed.stderr
+    assert [v.version for v in client(env).search_model_versions(f"name = '{name}'")] == [version.version]
+    assert client(env).get_model_version_by_alias(name, "champion").version == version.version
+    (run,) = parents(env, exp, "ensemble")
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    logged = client(env).search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert len(logged) == 1, "the model was logged again"
+    assert all(steps == [0] for steps in metric_steps(env, run_id).values())
+
+    again = attempt(resume="true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"ensemble run {run_id} already finished: nothing to do" in again.stderr
+    assert len(client(env).search_model_versions(f"name = '{name}'")) == 1
