@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from pipelines.config import Settings, UserError, parse_config
-from pipelines.tracking import Interrupted, install_signal_handlers
+from pipelines.leases import new_owner
+from pipelines.tracking import Interrupted, claim_launcher, install_signal_handlers
 
 logger = logging.getLogger("pipelines")
 
@@ -19,6 +20,7 @@ def main(config_cls: type[Settings], stage: Callable[[Settings], object], argv: 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     install_signal_handlers()
     try:
+        claim_launcher(new_owner())
         cfg = parse_config(config_cls, argv)
         stage(cfg)
     except UserError as exc:

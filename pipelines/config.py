@@ -303,7 +303,7 @@ class OptunaConfig(KFoldConfig, TrainConfig):
 
 
 @dataclass
-class EnsembleConfig(Settings):
+class EnsembleConfig(Coordinated):
     """`ensemble`: weighted soft voting over kfold/train runs, registered as one pyfunc model."""
 
     source_runs: str = setting("", "Comma-separated run ids: a kfold parent (all its folds) or a train run.")

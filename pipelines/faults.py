@@ -1,4 +1,4 @@
-"""Failpoints: let tests kill this process with a real SIGKILL at an exact instant.
+"""Failpoints: let tests kill this process with a real SIGKILL at an exact instant, or make a trial raise.
 
 ``PIPELINES_FAILPOINT=checkpoint_upload:2`` kills the process the 2nd time it reaches
 ``failpoint("checkpoint_upload")``.  Unset (always, outside tests) it does nothing.
@@ -25,3 +25,17 @@ def failpoint(name: str) -> None:
         logger.warning("failpoint %s reached (hit %d): killing this process with SIGKILL", name, _hits[name])
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def raise_if(params: dict) -> None:
+    """``PIPELINES_RAISE_IF=batch_size=16`` (``name=value``, several joined by ``,``) raises RuntimeError when every
+    named parameter, as text, equals its value: a trial that fails deterministically for one parameter value."""
+    spec = os.environ.get("PIPELINES_RAISE_IF")
+    if not spec:
+        return
+    parts = [part for part in spec.split(",") if part]
+    if not all("=" in part for part in parts):
+        raise ValueError(f"PIPELINES_RAISE_IF={spec!r}: expected name=value[,name=value...]")
+    wanted = dict(part.split("=", 1) for part in parts)
+    if all(name in params and str(params[name]) == value for name, value in wanted.items()):
+        raise RuntimeError(f"PIPELINES_RAISE_IF={spec} matches the parameters {params}")

@@ -1,18 +1,30 @@
-"""Optuna: search spaces, the RDB storage with heartbeats, a reproducible sampler, and the study.
+"""Optuna: search spaces, the RDB storage with heartbeats, a reproducible sampler, and the search loop.
 
-Reproducibility: each trial gets a fresh sampler seeded from ``seed`` and the trial's *logical*
-number (its position among original trials; a retry of a crashed trial keeps the original's
-number and parameters).  A search killed and resumed therefore proposes exactly what an
-uninterrupted search proposes, without persisting any sampler state.
+Trial identity: a trial's *logical* number is the rank of its original among the study's original
+trials (retries excluded).  It is fixed when the trial is created and never reused; a retry (of a
+crashed trial, or of one that raised) inherits its original's number and parameters.  Trials are only
+created, failed and re-queued under a lock on the study shared by all workers, and only while fewer
+than ``n_trials`` are finished, running or queued: no trial is surplus, none is created twice.
+
+Reproducibility: each trial gets a fresh sampler seeded from ``seed`` and its logical number.  A
+search killed and resumed by one worker therefore proposes exactly what an uninterrupted search
+proposes, without persisting any sampler state.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
+import math
 import os
 import socket
+import threading
+import time
 import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +36,7 @@ from optuna.samplers import BaseSampler, GridSampler, RandomSampler, TPESampler
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pipelines.config import DEFAULT_OPTUNA_STORAGE, ConfigError
+from pipelines.config import ConfigError
 
 logger = logging.getLogger(__name__)
 # heartbeats, retries and the matplotlib plots are "experimental" in Optuna 5; we rely on them knowingly
@@ -109,7 +121,7 @@ def grid_of(space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str
     return grid
 
 
-# ------------------------------------------------------------------ sampler
+# ------------------------------------------------------------------ trial identity
 
 
 def _root(trial: FrozenTrial) -> int:
@@ -118,19 +130,32 @@ def _root(trial: FrozenTrial) -> int:
     return trial.number if original is None else original
 
 
-def dead_roots(trials: list[FrozenTrial]) -> set[int]:
-    """Retry chains whose last attempt failed and was not retried (an exception, or a surplus trial)."""
-    last: dict[int, FrozenTrial] = {}
-    for t in trials:
-        if _root(t) not in last or t.number > last[_root(t)].number:
-            last[_root(t)] = t
-    return {root for root, t in last.items() if t.state == TrialState.FAIL}
+def logical_numbers(trials: list[FrozenTrial]) -> dict[int, int]:
+    """Optuna trial number -> logical number: the rank of the chain's original among original trials.
+
+    Retries (crash or exception) are never originals and inherit their original's number.  Only trials
+    created earlier have smaller Optuna numbers, so a trial's logical number is fixed when it is created
+    and never changes: a failed trial keeps its number for good.
+    """
+    originals = sorted(t.number for t in trials if _root(t) == t.number)
+    rank = {number: i for i, number in enumerate(originals)}
+    return {t.number: rank[_root(t)] for t in trials if _root(t) in rank}
 
 
 def logical_number(trial: FrozenTrial, trials: list[FrozenTrial]) -> int:
-    """Position among live retry chains: a retry keeps its original's number; a dead chain frees its number."""
-    root, dead = _root(trial), dead_roots(trials)
-    return sum(1 for t in trials if _root(t) == t.number and t.number < root and t.number not in dead)
+    return logical_numbers(trials)[trial.number]
+
+
+def logical_trials(trials: list[FrozenTrial]) -> dict[int, FrozenTrial]:
+    """Logical number -> the latest attempt of that logical trial."""
+    numbers, latest = logical_numbers(trials), {}
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.number in numbers:
+            latest[numbers[t.number]] = t
+    return dict(sorted(latest.items()))
+
+
+# ------------------------------------------------------------------ sampler
 
 
 class ReproducibleSampler(BaseSampler):
@@ -166,7 +191,9 @@ class ReproducibleSampler(BaseSampler):
         return self._for(study, trial).sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(self, study, trial, state, values):
-        self._inner.pop(trial.number).after_trial(study, trial, state, values)
+        inner = self._inner.pop(trial.number, None)
+        if inner is not None:
+            inner.after_trial(study, trial, state, values)
 
 
 # ------------------------------------------------------------------ storage and study
@@ -196,8 +223,8 @@ def redact(url: str) -> str:
 
 
 def storage_for(settings: StudySettings) -> RDBStorage:
-    if settings.storage == DEFAULT_OPTUNA_STORAGE:
-        Path("mlruns").mkdir(exist_ok=True)
+    if settings.storage.startswith("sqlite:///"):
+        Path(settings.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
         return RDBStorage(
             settings.storage,
@@ -263,3 +290,183 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ------------------------------------------------------------------ the search loop
+
+LOGICAL_ATTR = "logical_number"  # user attribute: the trial's logical number (also derivable: logical_numbers)
+ERROR_ATTR = "error"  # user attribute of an attempt that raised: "<type>: <message>", truncated
+ERROR_RETRIES_ATTR = "error_retries"  # system attribute: retries after exceptions so far in the trial's chain
+ERROR_CHARS = 1000
+GIVE_UP_AFTER = 10  # a worker whose last this many logical trials all failed (each after its retries) stops
+
+
+class TrialsKeepFailing(RuntimeError):
+    """Every recent trial of this worker failed: something systematic is wrong, searching on would waste work."""
+
+
+@dataclass
+class SearchLimits:
+    n_trials: int  # finished (COMPLETE or PRUNED) trials the study should have
+    max_retries: int  # retries of a trial that raised an exception (a crashed trial is always retried)
+    timeout: float = 0  # seconds after which no trial is started; 0: none
+    poll: float = 5.0  # seconds between looks while every remaining trial runs in another worker
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:ERROR_CHARS]
+
+
+def next_action(trials: list[FrozenTrial], n_trials: int) -> str:
+    """``done``, ``ask`` (pop a queued retry, or create a new trial) or ``wait`` (the rest runs elsewhere).
+
+    A new trial is created only while finished + running + queued trials < ``n_trials``, so (with the
+    study lock held) no trial is ever surplus and the study ends with exactly ``n_trials`` finished.
+    """
+    states = Counter(t.state for t in trials)
+    finished = states[TrialState.COMPLETE] + states[TrialState.PRUNED]
+    if finished >= n_trials:
+        return "done"
+    if states[TrialState.WAITING] or finished + states[TrialState.RUNNING] < n_trials:
+        return "ask"
+    return "wait"
+
+
+def optimize(study: optuna.Study, storage: RDBStorage, objective: Callable[[optuna.Trial], float],
+             limits: SearchLimits, lock: Callable[[], AbstractContextManager]) -> bool:
+    """Run trials until the study has ``n_trials`` finished ones, sharing them with other workers.
+
+    ``lock()`` is a lock on the study shared by every worker: trials are only created, failed and
+    re-queued under it, so counts read under it are exact.  True when done, False on timeout.
+    """
+    deadline = time.monotonic() + limits.timeout if limits.timeout else None
+    failed_in_a_row, waited = 0, False
+    while deadline is None or time.monotonic() < deadline:
+        with lock():
+            recover_dead_trials(study, storage)
+            action = next_action(study.get_trials(deepcopy=False), limits.n_trials)
+            trial = _ask(study, storage) if action == "ask" else None
+        if action == "done":
+            return True
+        if trial is None:
+            if not waited:
+                logger.info("waiting for trials running in other workers")
+            waited = True
+            time.sleep(limits.poll)
+            continue
+        waited = False
+        outcome = run_trial(study, storage, trial, objective, limits.max_retries, lock)
+        failed_in_a_row = {"gave_up": failed_in_a_row + 1, "finished": 0}.get(outcome, failed_in_a_row)
+        if failed_in_a_row >= GIVE_UP_AFTER:
+            last = storage.get_trial(trial._trial_id).user_attrs.get(ERROR_ATTR)
+            raise TrialsKeepFailing(f"the last {failed_in_a_row} trials of this worker all failed, each after "
+                                    f"max_retries={limits.max_retries} retries (the last with {last}); fix the "
+                                    "cause (see the error tag of the failed trial runs), then resume=true")
+    return False
+
+
+def _ask(study: optuna.Study, storage: RDBStorage) -> optuna.Trial:
+    """A queued retry or a new trial, with its owner, logical number and first heartbeat (under the lock)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask()
+    trial.set_user_attr(OWNER_ATTR, worker_id())
+    trial.set_user_attr(LOGICAL_ATTR, logical_numbers(study.get_trials(deepcopy=False))[trial.number])
+    storage.record_heartbeat(trial._trial_id)
+    return trial
+
+
+def run_trial(study: optuna.Study, storage: RDBStorage, trial: optuna.Trial,
+              objective: Callable[[optuna.Trial], float], max_retries: int,
+              lock: Callable[[], AbstractContextManager]) -> str:
+    """Run one trial and record its end; the outcome: ``finished`` (COMPLETE or PRUNED), ``retried`` (it raised,
+    a retry is queued), ``gave_up`` (it raised with no retries left) or ``lost`` (another worker took it over).
+
+    An interruption (SIGTERM, SIGINT: a ``BaseException``) leaves the trial RUNNING: like a crash, it is
+    re-queued once its process is gone or its heartbeat is stale, and continues from its checkpoint.
+    """
+    try:
+        with heartbeat(storage, trial._trial_id):
+            value = float(objective(trial))
+        if not math.isfinite(value):
+            raise ValueError(f"the objective is {value}")
+    except optuna.TrialPruned:
+        return "finished" if _tell(study, trial, state=TrialState.PRUNED) else "lost"
+    except Exception as exc:  # noqa: BLE001 - a failed trial fails alone; the search goes on
+        with lock():
+            return fail_trial(study, storage, trial, exc, max_retries)
+    finally:
+        gc.collect()
+    return "finished" if _tell(study, trial, value) else "lost"
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None = None,
+          state: TrialState | None = None, error: str = "") -> bool:
+    """Record the trial's end; False when it is no longer ours (its heartbeat went stale and it was re-queued:
+    the retry continues in the same MLflow run and reports a result found there)."""
+    try:
+        if error:
+            trial.set_user_attr(ERROR_ATTR, error)
+        study.tell(trial, value, state=state)
+        return True
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+        logger.warning("trial %d was taken over by another worker, its end is not recorded here: %s",
+                       trial.number, exc)
+        return False
+
+
+def fail_trial(study: optuna.Study, storage: RDBStorage, trial: optuna.Trial, exc: Exception,
+               max_retries: int) -> str:
+    """Record a trial that raised as FAIL with its error; re-queue it unless its retries are used up.
+
+    Call under the study lock.  Returns ``retried``, ``gave_up`` or ``lost`` (see :func:`run_trial`).
+    """
+    frozen = storage.get_trial(trial._trial_id)
+    number, retries = frozen.user_attrs.get(LOGICAL_ATTR), frozen.system_attrs.get(ERROR_RETRIES_ATTR, 0)
+    if not _tell(study, trial, state=TrialState.FAIL, error=describe_error(exc)):
+        return "lost"
+    if retries >= max_retries:
+        logger.error("trial %s (optuna #%d) failed with no retries left (max_retries=%d): its number stays used; "
+                     "error: %s", number, trial.number, max_retries, describe_error(exc), exc_info=exc)
+        return "gave_up"
+    requeue(study, storage.get_trial(trial._trial_id), {ERROR_RETRIES_ATTR: retries + 1})
+    logger.error("trial %s (optuna #%d) failed, retry %d/%d queued with the same parameters; error: %s",
+                 number, trial.number, retries + 1, max_retries, describe_error(exc), exc_info=exc)
+    return "retried"
+
+
+def requeue(study: optuna.Study, failed: FrozenTrial, system_attrs: dict[str, Any]) -> None:
+    """Queue a retry of ``failed`` (as ``RetryHeartbeatStaleTrialCallback`` does): same parameters, same chain."""
+    history = [*RetryHeartbeatStaleTrialCallback.retry_history(failed), failed.number]
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING,
+        params=failed.params,
+        distributions=failed.distributions,
+        user_attrs={k: v for k, v in failed.user_attrs.items() if k != ERROR_ATTR},
+        system_attrs={**failed.system_attrs, "failed_trial": _root(failed), "retry_history": history,
+                      **system_attrs},
+        intermediate_values=failed.intermediate_values,
+    ))
+
+
+@contextmanager
+def heartbeat(storage: RDBStorage, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat every ``heartbeat_interval`` seconds while the block runs."""
+    interval, stop = storage.get_heartbeat_interval(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is retried; grace_period absorbs a few
+                logger.warning("heartbeat of trial id %d failed, will retry: %s", trial_id, exc)
+
+    thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial_id}", daemon=True)
+    if interval:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if interval:
+            thread.join()

@@ -19,8 +19,9 @@ import random
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import sqlalchemy.exc
@@ -34,6 +35,7 @@ from pipelines.config import ConfigError, NotFound
 logger = logging.getLogger(__name__)
 
 INVOCATION_TAG = "invocation"  # on a launcher run: the stage it launched
+WORKER_TAG = "worker"  # on a launcher run: host:pid:token of the process it launched
 UNFINISHED = ("RUNNING", "SCHEDULED", "FAILED", "KILLED")
 
 
@@ -147,7 +149,7 @@ class Tracker:
 
     # ------------------------------------------------------------ status
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -226,7 +228,7 @@ class Tracker:
         self._open.append(run_id)
         return run_id
 
-    def adopt_launcher(self, parent_id: str, stage: str, resumed: bool, worker: str) -> None:
+    def adopt_launcher(self, parent_id: str, stage: str, resumed: bool) -> None:
         """Under ``mlflow run``, file the launcher run under the stage's parent run as an invocation record."""
         launcher = self.launcher_id()
         if not launcher or launcher == parent_id:
@@ -237,7 +239,7 @@ class Tracker:
             logger.warning("launcher run %s (MLFLOW_RUN_ID) is not in %s: was mlflow run given a relative tracking "
                            "URI? Pass an absolute one", launcher, tracking_uri())
             return
-        tags = {INVOCATION_TAG: stage, "stage_run_id": parent_id, "worker": worker,
+        tags = {INVOCATION_TAG: stage, "stage_run_id": parent_id,
                 MLFLOW_RUN_NAME: f"{'resume' if resumed else 'start'} of {stage} {parent_id[:8]}"}
         if run.info.experiment_id == self._experiment_of(parent_id):
             tags[MLFLOW_PARENT_RUN_ID] = parent_id
@@ -320,6 +322,15 @@ class Tracker:
     def delete_artifacts(self, run_id: str, path: str) -> None:
         repo = get_artifact_repository(self.client.get_run(run_id).info.artifact_uri)
         repo.delete_artifacts(path)
+
+
+def claim_launcher(worker: str) -> None:
+    """Under ``mlflow run``, tag the launcher run with this process (``host:pid:...``) as soon as it starts, so
+    that a later resume can tell a launcher whose process was killed from a live one."""
+    launcher = Tracker.launcher_id()
+    if launcher:
+        mlflow.set_tracking_uri(tracking_uri())
+        _while_store_initialises(lambda: MlflowClient().set_tag(launcher, WORKER_TAG, worker))
 
 
 def download_model(uri: str, dst: str | Path) -> Path:

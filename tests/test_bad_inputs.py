@@ -23,7 +23,7 @@ CASES = {
     "empty file": (lambda d, m: {"data": _write(d.parent / "empty.csv", "")}, ["empty.csv is empty"]),
     "single class": (lambda d, m: {"data": _write(d.parent / "one.csv", "text,label\na,x\nb,x\nc,x\n")},
                      ["holds a single class ('x')", "Check label_column"]),
-    "not utf-8": (lambda d, m: {"data": _write(d.parent / "cp949.csv", "text,label\n".encode()
+    "not utf-8": (lambda d, m: {"data": _write(d.parent / "cp949.csv", b"text,label\n"
                                                + "좋아요,pos\n싫어요,neg\n".encode("cp949"))},
                   ["cp949.csv is not UTF-8", "iconv"]),
     "unknown model path": (lambda d, m: {"model": d.parent / "no-such-model"},

@@ -26,7 +26,8 @@ from helpers import artifact_text, children, client, metric_steps, parents
 from sklearn.metrics import f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipelines.config import EnsembleConfig
+from pipelines.config import EnsembleConfig, fingerprint
+from pipelines.stages import contract
 from pipelines.stages import ensemble as stage
 from pipelines.stages.ensemble import fit_weights, heldout_report, heldout_split
 
@@ -304,17 +305,19 @@ def test_resume_contract_of_the_ensemble_run(cv, tmp_path, monkeypatch, caplog):
     base = {"source_runs": cv["a"].info.run_id, "registered_model_name": "contract",
             "experiment_name": "ens-contract", "weights": "equal"}
     with Tracker("ens-contract") as tracker:
-        def choose(**changes):
+        def context(**changes):
             cfg = EnsembleConfig(**{**base, **changes})
             inputs = stage.fingerprint_inputs(cfg, sources)
-            return stage._choose_run(tracker, cfg, inputs, stage.fingerprint(inputs))
+            return contract.StageContext("ensemble", cfg, tracker, inputs, fingerprint(inputs))
+
+        def choose(**changes):
+            return contract._choose_parent(context(**changes))
 
         sources = stage._sources(tracker, EnsembleConfig(**base), tmp_path)
         assert choose(resume=True) is None
         assert "resume=true but experiment ens-contract has no ensemble run to resume" in caplog.text
-        cfg = EnsembleConfig(**base)
-        run_id, status = stage._open_run(tracker, cfg, stage.fingerprint_inputs(cfg, sources), sources)
-        assert status == ""  # a new run, left RUNNING as by a crash
+        ctx = context()
+        run_id = contract.open_run("ensemble", ctx.cfg, tracker, ctx.inputs, {}).parent_id  # left RUNNING
 
         caplog.clear()
         assert choose() is None
@@ -323,12 +326,12 @@ def test_resume_contract_of_the_ensemble_run(cv, tmp_path, monkeypatch, caplog):
         assert choose(resume_from=run_id).info.run_id == run_id
         for changes in ({"resume": True, "weights": "score"}, {"resume_from": run_id, "weights": "score"},
                         {"resume": True, "seed": 1}, {"resume": True, "skip_missing": True}):
-            with pytest.raises(stage.EnsembleError, match=f"cannot resume ensemble run {run_id}") as refused:
+            with pytest.raises(contract.ResumeError, match=f"cannot resume ensemble run {run_id}") as refused:
                 choose(**changes)
             name, value = next((k, v) for k, v in changes.items() if not k.startswith("resume"))
             assert f"{name}: {base.get(name, EnsembleConfig.__dataclass_fields__[name].default)} -> {value}" in str(
                 refused.value)
-        with pytest.raises(stage.EnsembleError, match="is not an ensemble run"):
+        with pytest.raises(contract.ResumeError, match="is not a parent run of stage ensemble"):
             choose(resume_from=cv["a"].info.run_id)
         tracker.finish(run_id)
 

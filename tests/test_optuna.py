@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import time
+from collections import Counter
 
 import optuna
 import pandas as pd
@@ -57,7 +58,7 @@ def test_full_search_logs_trials_best_params_and_plots(baseline):
     assert parent.data.tags["optuna_study"].startswith("hpo-") and parent.data.tags["optuna_storage"].startswith(
         "sqlite:///")
     assert list(table.columns) == ["number", "state", "value", "params_batch_size", "params_learning_rate",
-                                   "params_weight_decay"]
+                                   "params_weight_decay", "error"]
     assert table["number"].tolist() == [0, 1, 2, 3, 4] and set(table["state"]) == {"COMPLETE"}
     best = json.loads(artifact_text(env, parent.info.run_id, "best_params.json", baseline["folder"] / "b"))
     best_row = table.loc[table["value"].idxmax()]
@@ -170,12 +171,73 @@ def test_two_workers_on_postgres_share_trials_and_recover_a_killed_one(tiny_data
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    retried = {t.system_attrs.get("failed_trial") for t in study.trials}
+    retried = {t.system_attrs["retry_history"][-1] for t in study.trials if "retry_history" in t.system_attrs}
     assert failed, "the killed worker left no failed attempt"
-    for t in failed:  # the killed worker's attempt was retried; any other failure is a surplus trial never run
-        assert t.number in retried or "logical_number" not in t.user_attrs
+    assert {t.number for t in failed} <= retried  # only the killed worker's attempt failed, and it was retried
+    originals = [t for t in study.trials if "failed_trial" not in t.system_attrs]
+    assert [t.user_attrs["logical_number"] for t in originals] == [0, 1, 2, 3, 4, 5]  # no surplus trial, no hole
     logical = sorted(t.user_attrs["logical_number"] for t in study.trials if t.state.is_finished()
                      and t.state != optuna.trial.TrialState.FAIL)
     assert logical == [0, 1, 2, 3, 4, 5]
     table = pd.read_csv(io.StringIO(artifact_text(env, parent.info.run_id, "trials.csv", tmp_path / "t")))
     assert len(table) == 6 and set(table["state"]) == {"COMPLETE"}
+
+
+RAISING_SPACE = """
+learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+batch_size: {type: categorical, choices: [8, 16]}
+"""
+
+
+def test_three_workers_finish_n_trials_with_a_trial_that_always_raises(tiny_data, tiny_model, tmp_path,
+                                                                        postgres_url):
+    env = store_env(tmp_path)
+    # seed 7 proposes batch_size=16 for logical trials 0, 2, 3, ...: those always raise
+    args = optuna_args(tiny_data, tiny_model, tmp_path, optuna_storage=postgres_url, n_trials=0, epochs=1,
+                       search_space=RAISING_SPACE, heartbeat_interval=1, grace_period=3)
+    created = run_entrypoint("optuna_search", args, env, tmp_path)  # create study and parent once
+    assert created.returncode == 0, created.stderr[-3000:]
+    work = {**args, "n_trials": 6, "max_retries": 1, "resume": "true"}
+    workers = [subprocess.Popen(entrypoint("optuna_search", work), cwd=tmp_path,
+                                env={**env, "PIPELINES_RAISE_IF": "batch_size=16"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [worker.communicate(timeout=600)[1] for worker in workers]
+    for worker, err in zip(workers, errors):
+        assert worker.returncode == 0, err[-3000:]
+    (parent,) = parents(env, "hpo", "optuna")
+    assert parent.info.status == "FINISHED"
+
+    study = optuna.load_study(study_name=parent.data.tags["optuna_study"], storage=postgres_url)
+    states = Counter(t.state.name for t in study.trials)
+    assert states["COMPLETE"] + states["PRUNED"] == 6 and states["RUNNING"] == states["WAITING"] == 0, states
+    by_number = {t.number: t for t in study.trials}
+    originals = [t for t in study.trials if "failed_trial" not in t.system_attrs]
+    assert [t.user_attrs["logical_number"] for t in originals] == list(range(len(originals)))  # unique, no hole
+    attempts: dict[int, list] = {}
+    for t in study.trials:  # a retry keeps its original's number and parameters
+        original = by_number[t.system_attrs.get("failed_trial", t.number)]
+        assert t.user_attrs["logical_number"] == original.user_attrs["logical_number"] and t.params == original.params
+        attempts.setdefault(t.user_attrs["logical_number"], []).append(t)
+    failed = {n for n, tries in attempts.items() if tries[-1].state.name == "FAIL"}
+    assert failed, "no trial drew batch_size=16"
+    for number, tries in attempts.items():
+        if number in failed:  # tried once, retried max_retries=1 times, then its number stays used
+            assert [t.state.name for t in tries] == ["FAIL", "FAIL"] and tries[0].params["batch_size"] == 16
+            assert all(t.user_attrs["error"].startswith("RuntimeError: PIPELINES_RAISE_IF=batch_size=16")
+                       for t in tries)
+        else:
+            assert [t.state.name for t in tries] == ["COMPLETE"] and tries[0].params["batch_size"] == 8
+
+    runs = trial_runs(env, "hpo", parent.info.run_id)  # one run per logical trial, shared by its attempts
+    assert sorted(runs, key=int) == [str(n) for n in range(len(originals))]
+    for number, run in runs.items():
+        if int(number) in failed:
+            assert run.info.status == "FAILED" and run.data.tags["failed_attempts"] == "2"
+            assert run.data.tags["error"].startswith("RuntimeError: PIPELINES_RAISE_IF=batch_size=16")
+        else:
+            assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    table = trials_table(env, parent.info.run_id, tmp_path / "t")
+    assert table["number"].tolist() == list(range(len(originals)))
+    assert set(table.loc[table["state"] == "FAIL", "number"]) == failed
+    assert table.loc[table["state"] == "FAIL", "error"].str.startswith("RuntimeError").all()
+    assert (table["state"] == "COMPLETE").sum() == 6

@@ -1,18 +1,39 @@
-"""Optuna storage recovery and the reproducible sampler, in-process on real SQLite storages."""
+"""Optuna storage recovery, trial identity and retries, the search loop and the reproducible sampler, in-process on
+real SQLite storages."""
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import nullcontext
 
 import pytest
-from optuna.distributions import FloatDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from pipelines.config import ConfigError
-from pipelines.study import StudySettings, grid_of, load_search_space, open_study, recover_dead_trials, storage_for
+from pipelines.leases import LeaseStore
+from pipelines.study import (
+    ERROR_ATTR,
+    LOGICAL_ATTR,
+    SearchLimits,
+    StudySettings,
+    TrialsKeepFailing,
+    grid_of,
+    load_search_space,
+    logical_number,
+    logical_numbers,
+    logical_trials,
+    open_study,
+    optimize,
+    recover_dead_trials,
+    storage_for,
+)
 
 SPACE = {"x": FloatDistribution(0.0, 1.0)}
 
@@ -119,11 +140,7 @@ def test_search_space_file_and_distributions(tmp_path):
     assert space["batch_size"].choices == (8, 16)
 
 
-def test_logical_numbers_keep_retries_in_place_and_reuse_numbers_of_failed_trials(tmp_path):
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    from pipelines.study import logical_number
-
+def test_logical_numbers_are_fixed_at_creation_and_never_reused(tmp_path):
     study, storage = study_in(tmp_path)
     study.tell(study.ask(SPACE), 0.5)  # 0: complete
     crashed = study.ask(SPACE)  # 1: crashed, retried as 2
@@ -131,8 +148,141 @@ def test_logical_numbers_keep_retries_in_place_and_reuse_numbers_of_failed_trial
     RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(crashed._trial_id))
     retry = study.ask(SPACE)  # 2: the retry (popped from WAITING)
     study.tell(retry, 0.4)
-    study.tell(study.ask(SPACE), state=TrialState.FAIL)  # 3: raised an exception, not retried: its number is free
+    study.tell(study.ask(SPACE), state=TrialState.FAIL)  # 3: raised, not retried: its number stays used
     fresh = study.ask(SPACE)  # 4
     trials = study.get_trials(deepcopy=False)
-    assert [logical_number(t, trials) for t in trials] == [0, 1, 1, 2, 2]
+    assert [logical_number(t, trials) for t in trials] == [0, 1, 1, 2, 3]
     assert retry.params == crashed.params and fresh.number == 4
+    assert {n: t.number for n, t in logical_trials(trials).items()} == {0: 0, 1: 2, 2: 3, 3: 4}
+
+
+CHOICES = {"b": CategoricalDistribution([8, 16]), "x": FloatDistribution(0.0, 1.0)}
+
+
+def raising_objective(trial, started=None):
+    """Fails deterministically for b=16 (seed 1 proposes it for logical trial 2 only, of the first 5)."""
+    params = {name: trial._suggest(name, dist) for name, dist in CHOICES.items()}
+    if started is not None:
+        started.append(trial.user_attrs[LOGICAL_ATTR])
+    if params["b"] == 16:
+        raise RuntimeError("b=16 always fails")
+    return params["x"]
+
+
+def chains(trials):
+    """Logical number -> its attempts, oldest first."""
+    numbers, attempts = logical_numbers(trials), {}
+    for t in sorted(trials, key=lambda t: t.number):
+        attempts.setdefault(numbers[t.number], []).append(t)
+    return attempts
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 2])
+def test_a_failing_trial_is_retried_max_retries_times_and_its_number_is_never_reused(tmp_path, max_retries):
+    study, storage = study_in(tmp_path)
+    started = []
+    assert optimize(study, storage, lambda t: raising_objective(t, started), SearchLimits(4, max_retries), nullcontext)
+    attempts = chains(study.trials)
+    assert sorted(attempts) == [0, 1, 2, 3, 4]  # 4 finished, and number 2 stays used by the failed trial
+    assert [a.state for a in attempts[2]] == [TrialState.FAIL] * (1 + max_retries)
+    assert all(a.params == attempts[2][0].params and a.user_attrs[ERROR_ATTR] == "RuntimeError: b=16 always fails"
+               for a in attempts[2])
+    assert all([a.state for a in attempts[n]] == [TrialState.COMPLETE] for n in (0, 1, 3, 4))
+    assert started == [0, 1, *[2] * (1 + max_retries), 3, 4]  # each attempt after the previous one ended
+
+    # resumed (a fresh process: new study object): the failed trial is neither re-proposed nor retried again
+    study, storage = study_in(tmp_path)
+    assert optimize(study, storage, raising_objective, SearchLimits(4, max_retries), nullcontext)
+    assert len(study.trials) == 4 + 1 + max_retries
+    assert optimize(study, storage, raising_objective, SearchLimits(5, max_retries), nullcontext)  # extended
+    attempts = chains(study.trials)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 5
+    assert sorted(attempts) == list(range(len(attempts))) and len(attempts[2]) == 1 + max_retries
+
+
+def test_a_resumed_search_proposes_what_an_uninterrupted_one_does_failures_included(tmp_path):
+    def params_by_number(name, stops):
+        for n_trials in stops:  # each stop: a fresh process (new study object) resuming the same storage
+            study, storage = study_in(tmp_path, name=name)
+            assert optimize(study, storage, raising_objective, SearchLimits(n_trials, 1), nullcontext)
+        return {n: [(t.params, t.state) for t in tries] for n, tries in chains(study.trials).items()}
+
+    assert params_by_number("once", [5]) == params_by_number("resumed", [1, 2, 2, 4, 5])
+
+
+def test_raise_if_matches_every_named_parameter(monkeypatch):
+    from pipelines.faults import raise_if
+
+    raise_if({"batch_size": 16})  # unset: nothing
+    monkeypatch.setenv("PIPELINES_RAISE_IF", "batch_size=16,epochs=2")
+    raise_if({"batch_size": 16, "epochs": 1})
+    with pytest.raises(RuntimeError, match="PIPELINES_RAISE_IF=batch_size=16,epochs=2 matches"):
+        raise_if({"batch_size": 16, "epochs": 2, "learning_rate": 0.1})
+
+
+def test_a_worker_whose_trials_all_fail_gives_up(tmp_path):
+    study, storage = study_in(tmp_path)
+
+    def broken(trial):
+        raise OSError("disk full")
+
+    with pytest.raises(TrialsKeepFailing, match=r"the last 10 trials of this worker all failed.*OSError: disk full"):
+        optimize(study, storage, broken, SearchLimits(3, max_retries=1), nullcontext)
+    assert len(study.trials) == 20 and {t.state for t in study.trials} == {TrialState.FAIL}
+
+
+def test_interrupted_trial_stays_running_for_recovery(tmp_path):
+    study, storage = study_in(tmp_path)
+
+    def interrupted(trial):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        optimize(study, storage, interrupted, SearchLimits(3, max_retries=1), nullcontext)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]  # a crash: re-queued once its heartbeat is stale
+
+
+def test_three_concurrent_workers_never_share_a_logical_number(tmp_path):
+    """Three workers (threads, each with its own storage, study and lease store) on one SQLite study."""
+    live, overlaps, errors, lock = set(), [], [], threading.Lock()
+
+    def objective(trial):
+        number = trial.user_attrs[LOGICAL_ATTR]
+        with lock:
+            if number in live:
+                overlaps.append(number)
+            live.add(number)
+        try:
+            time.sleep(random.uniform(0.02, 0.15))
+            return raising_objective(trial)
+        finally:
+            with lock:
+                live.discard(number)
+
+    def worker():
+        try:
+            study, storage = study_in(tmp_path, seed=2)
+            leases = LeaseStore(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=3)
+            study_lock = lambda: leases.wait_for("optuna-study-1", "trials", poll=0.02)
+            assert optimize(study, storage, objective, SearchLimits(8, max_retries=1, poll=0.05), study_lock)
+            leases.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    study_in(tmp_path, seed=2)  # create the study once before the workers start (a fresh database races)
+    LeaseStore(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=3).close()
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and not overlaps
+    study, _ = study_in(tmp_path, seed=2)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 8
+    attempts = chains(study.trials)
+    assert sorted(attempts) == list(range(len(attempts)))  # no hole, no number twice
+    for number, tries in attempts.items():
+        assert [t.user_attrs[LOGICAL_ATTR] for t in tries] == [number] * len(tries)
+        assert all(t.state == TrialState.FAIL for t in tries[:-1]) and len(tries) <= 2
+        assert all(t.params == tries[0].params for t in tries)
+    assert any(len(tries) == 2 for tries in attempts.values()), "seed 2 proposes b=16 early: some trial must fail"

@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-
 from transformers import TrainerCallback
 
 from pipelines.checkpoints import CheckpointStore

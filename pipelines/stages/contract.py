@@ -17,6 +17,7 @@ import json
 import logging
 import platform
 import tempfile
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -33,10 +34,10 @@ from pipelines.config import (
     fingerprint,
 )
 from pipelines.data import Dataset
-from pipelines.leases import Lease, LeaseStore
+from pipelines.leases import Lease, LeaseStore, owner_alive
 from pipelines.models import ModelSource
 from pipelines.study import redact
-from pipelines.tracking import INVOCATION_TAG, UNFINISHED, Tracker, state_storage
+from pipelines.tracking import UNFINISHED, WORKER_TAG, Tracker, state_storage
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ CONFIG_ARTIFACT = "config.json"
 BEST_PARAMS_ARTIFACT = "best_params.json"
 STATUS_REASON_TAG = "status_reason"
 VERSIONED = ("torch", "transformers", "mlflow", "optuna")
+PROJECT_ENTRY_TAG = "mlflow.project.entryPoint"  # set by `mlflow run` on its launcher run
 OPEN_TIMEOUT = 600  # seconds a worker waits for another one choosing the same parent
 
 
@@ -57,11 +59,11 @@ class StageContext:
 
     stage: str
     cfg: Settings
-    data: Dataset
-    model: ModelSource
     tracker: Tracker
     inputs: dict  # fingerprint inputs
     fingerprint: str
+    data: Dataset | None = None  # None for stages over other runs (ensemble)
+    model: ModelSource | None = None
     leases: LeaseStore | None = None
     parent_id: str = ""
     resumed_status: str = ""  # status of the parent run before this invocation re-attached to it
@@ -79,7 +81,7 @@ class StageContext:
 
 def open_stage(stage: str, cfg: Coordinated, data: Dataset, model: ModelSource, tracker: Tracker,
                extra_inputs: dict | None = None, checked_tags: dict | None = None) -> StageContext:
-    """Start a new parent run or re-attach to one, following the resume contract.
+    """Start a new parent run of a training stage or re-attach to one, following the resume contract.
 
     ``extra_inputs`` are further result-affecting values for the fingerprint (e.g. a parsed search space);
     ``checked_tags`` are recorded on a new parent and must be equal on a resumed one (e.g. the Optuna storage).
@@ -88,20 +90,32 @@ def open_stage(stage: str, cfg: Coordinated, data: Dataset, model: ModelSource, 
         cfg = _with_best_params(cfg, tracker)
     inputs = {"stage": stage, **cfg.result_settings(), "data_digest": data.digest, "model_digest": model.digest,
               **(extra_inputs or {})}
-    ctx = StageContext(stage, cfg, data, model, tracker, inputs, fingerprint(inputs))
-    storage = state_storage(cfg.optuna_storage)
-    ctx.leases = LeaseStore(storage, cfg.heartbeat_interval, cfg.grace_period)
+    ctx = StageContext(stage, cfg, tracker, inputs, fingerprint(inputs), data=data, model=model)
+    source = getattr(cfg, "params_from", "")
+    tags = {"data_digest": data.digest, **({"params_source": source} if source else {})}
+    return _open(ctx, tags, {"data_digest": data.digest, "model_digest": model.digest}, checked_tags)
+
+
+def open_run(stage: str, cfg: Coordinated, tracker: Tracker, inputs: dict, tags: dict) -> StageContext:
+    """The same contract for a stage without data or model of its own (e.g. ensemble over other runs)."""
+    return _open(StageContext(stage, cfg, tracker, inputs, fingerprint(inputs)), tags, {})
+
+
+def _open(ctx: StageContext, tags: dict, params: dict, checked_tags: dict | None = None) -> StageContext:
+    tracker, stage = ctx.tracker, ctx.stage
+    storage = state_storage(ctx.cfg.optuna_storage)
+    ctx.leases = LeaseStore(storage, ctx.cfg.heartbeat_interval, ctx.cfg.grace_period)
     checked = {"optuna_storage": redact(storage), **(checked_tags or {})}
     with ctx.leases.wait_for(f"{tracker.experiment_id}/{stage}/{ctx.fingerprint}", "open", timeout=OPEN_TIMEOUT):
         parent = _choose_parent(ctx)
         if parent is None:
-            _start_parent(ctx, checked)
+            _start_parent(ctx, {**tags, **checked}, params)
         else:
             _attach(ctx, parent, checked)
         ctx.worker = ctx.leases.acquire(ctx.parent_id, f"worker-{id(ctx):x}")
     tracker.share(ctx.parent_id, ctx.others_working)
     tracker.on_close(ctx.worker.release)
-    tracker.adopt_launcher(ctx.parent_id, stage, ctx.resumed, ctx.worker.owner)
+    tracker.adopt_launcher(ctx.parent_id, stage, ctx.resumed)
     _sweep_dead_runs(ctx)
     return ctx
 
@@ -112,7 +126,7 @@ def _choose_parent(ctx: StageContext):
     if cfg.resume_from:
         parent = tracker.get_run(cfg.resume_from)
         if parent.data.tags.get("stage") != stage:
-            raise ResumeError(f"resume_from={cfg.resume_from} is not a {stage} parent run "
+            raise ResumeError(f"resume_from={cfg.resume_from} is not a parent run of stage {stage} "
                               f"(its stage tag is {parent.data.tags.get('stage')!r}); pass the id of a {stage} run")
         _refuse_if_different(ctx, parent)
         return parent
@@ -123,7 +137,8 @@ def _choose_parent(ctx: StageContext):
     if cfg.resume and previous:
         _refuse_if_different(ctx, previous[0])
     if cfg.resume:
-        logger.warning("resume=true but the experiment has no %s run to resume: starting a new run", stage)
+        logger.warning("resume=true but experiment %s has no %s run to resume: starting a new run",
+                       tracker.experiment_name, stage)
     unfinished = [run for run in same if run.info.status in UNFINISHED]
     if unfinished and not cfg.resume:
         run = unfinished[0]
@@ -132,13 +147,9 @@ def _choose_parent(ctx: StageContext):
     return None
 
 
-def _start_parent(ctx: StageContext, checked: dict) -> None:
-    source = getattr(ctx.cfg, "params_from", "")
-    tags = {"data_digest": ctx.data.digest, **checked, **environment(),
-            **({"params_source": source} if source else {})}
-    ctx.parent_id = ctx.tracker.start_parent(ctx.stage, ctx.fingerprint, tags)
-    ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_dict(), "data_digest": ctx.data.digest,
-                                           "model_digest": ctx.model.digest, "fingerprint": ctx.fingerprint})
+def _start_parent(ctx: StageContext, tags: dict, params: dict) -> None:
+    ctx.parent_id = ctx.tracker.start_parent(ctx.stage, ctx.fingerprint, {**tags, **environment()})
+    ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_dict(), **params, "fingerprint": ctx.fingerprint})
     record = {"settings": ctx.cfg.to_dict(), "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
     upload_json(ctx.tracker, ctx.parent_id, CONFIG_ARTIFACT, record)
     logger.info("started %s run %s fingerprint=%s", ctx.stage, ctx.parent_id, ctx.fingerprint)
@@ -171,17 +182,31 @@ def environment() -> dict[str, str]:
 
 
 def _sweep_dead_runs(ctx: StageContext) -> None:
-    """Mark RUNNING parents of this stage whose workers are all gone (no live lease) FAILED, and RUNNING launcher
-    runs whose worker is gone KILLED, each tagged with why: the UI must not show runs that run forever."""
+    """Mark RUNNING parents of this stage whose workers are all gone (no live lease) FAILED, and RUNNING
+    ``mlflow run`` launcher runs whose process is gone KILLED, each tagged with why: the UI must not show
+    runs that run forever."""
     tracker = ctx.tracker
     for run in tracker.running_runs():
         tags, run_id = run.data.tags, run.info.run_id
         if tags.get("stage") == ctx.stage and run_id != ctx.parent_id and not ctx.leases.live(run_id):
             tracker.mark_dead(run_id, "FAILED", "its process died: no worker holds a live lease on it")
-        elif tags.get(INVOCATION_TAG) == ctx.stage and run_id != tracker.launcher_id():
-            owners = {info.owner for info in ctx.leases.live(tags.get("stage_run_id", ""))}
-            if tags.get("worker") not in owners:
-                tracker.mark_dead(run_id, "KILLED", "the process of this invocation died")
+        elif tags.get(PROJECT_ENTRY_TAG) == ctx.stage and run_id != tracker.launcher_id() \
+                and _launcher_dead(ctx, run):
+            tracker.mark_dead(run_id, "KILLED", "the process this mlflow run launched died")
+
+
+def _launcher_dead(ctx: StageContext, run) -> bool:
+    """Whether the entry-point process of an ``mlflow run`` launcher run is gone. Its process tags the launcher
+    (``worker``) within seconds of starting: one still untagged after ``grace_period`` was killed before that."""
+    tags = run.data.tags
+    worker = tags.get(WORKER_TAG, "")
+    if not worker:
+        return time.time() - run.info.start_time / 1000 > ctx.cfg.grace_period
+    alive = owner_alive(worker)
+    if alive is not None:
+        return not alive
+    process = worker.rsplit(":", 1)[0]  # host:pid of another host: alive while it holds a lease on its stage run
+    return not any(info.owner.startswith(process + ":") for info in ctx.leases.live(tags.get("stage_run_id", "-")))
 
 
 def _refuse_if_different(ctx: StageContext, run) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -29,12 +28,12 @@ from sklearn.model_selection import train_test_split
 
 import pipelines
 from pipelines import faults
-from pipelines.config import EnsembleConfig, NotFound, UserError, describe_differences, fingerprint
+from pipelines.config import EnsembleConfig, NotFound, UserError
 from pipelines.serving import SPEC, EnsembleModel, prediction_frame
-from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once, recorded_settings, upload_json
+from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once
+from pipelines.stages.contract import open_run, recorded_settings, upload_json
 from pipelines.stages.kfold import OOF_ARTIFACT
 from pipelines.tracking import (
-    UNFINISHED,
     Tracker,
     log_pyfunc,
     logged_model_uri,
@@ -45,7 +44,6 @@ from pipelines.tracking import (
 
 logger = logging.getLogger(__name__)
 STAGE = "ensemble"
-CONFIG_ARTIFACT = "config.json"  # the resolved settings and fingerprint inputs, as every stage records them
 METRICS = {"accuracy": accuracy_score, "f1_macro": lambda y, p: f1_score(y, p, average="macro")}
 
 
@@ -72,9 +70,11 @@ class Source:
 def run(cfg: EnsembleConfig) -> dict[str, float]:
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-ens-") as tmp:
         sources = _sources(tracker, cfg, Path(tmp))
-        parent, status = _open_run(tracker, cfg, fingerprint_inputs(cfg, sources), sources)
-        if status == "FINISHED":
+        ctx = open_run(STAGE, cfg, tracker, fingerprint_inputs(cfg, sources), _lineage(sources))
+        parent = ctx.parent_id
+        if ctx.resumed_status == "FINISHED":
             logger.info("ensemble run %s already finished: nothing to do", parent)
+            tracker.finish(parent)
             return tracker.metrics(parent)
         version = _publish(tracker, parent, cfg, sources, Path(tmp))
         tracker.finish(parent)
@@ -126,70 +126,6 @@ def fingerprint_inputs(cfg: EnsembleConfig, sources: list[Source]) -> dict:
     """Every result-affecting setting, and each source run with its own fingerprint."""
     return {"stage": STAGE, **cfg.result_settings(), "source_runs": ",".join(s.run_id for s in sources),
             "source_fingerprints": {s.run_id: s.fingerprint for s in sources}}
-
-
-# ---------------------------------------------------------------- the resume contract
-
-
-def _open_run(tracker: Tracker, cfg: EnsembleConfig, inputs: dict, sources: list[Source]) -> tuple[str, str]:
-    """The ensemble run to work in, and its status before this invocation ('' for a new run)."""
-    key = fingerprint(inputs)
-    parent = _choose_run(tracker, cfg, inputs, key)
-    if parent is None:
-        run_id, status = tracker.start_parent(STAGE, key, _lineage(sources)), ""
-        tracker.log_params(run_id, {**cfg.to_dict(), "fingerprint": key})
-        upload_json(tracker, run_id, CONFIG_ARTIFACT,
-                    {"settings": cfg.to_dict(), "fingerprint_inputs": inputs, "fingerprint": key})
-        logger.info("started ensemble run %s fingerprint=%s", run_id, key)
-    else:
-        run_id, status = parent.info.run_id, parent.info.status
-        if status == "RUNNING":
-            logger.warning("run %s is marked RUNNING: its process crashed or was killed without cleanup", run_id)
-        if status != "FINISHED":
-            logger.info("resuming ensemble run %s (status %s)", run_id, status)
-            tracker.reopen(run_id)
-    tracker.adopt_launcher(run_id, STAGE, bool(status), f"ensemble-{os.getpid()}")
-    return run_id, status
-
-
-def _choose_run(tracker: Tracker, cfg: EnsembleConfig, inputs: dict, key: str):
-    """The run to re-attach to, or None for a new one; raises EnsembleError where the contract refuses."""
-    if cfg.resume_from:
-        run = tracker.get_run(cfg.resume_from)
-        if run.data.tags.get("stage") != STAGE:
-            raise EnsembleError(f"resume_from={cfg.resume_from} is not an ensemble run (its stage tag is "
-                                f"{run.data.tags.get('stage')!r}); pass the id of an ensemble run")
-        _refuse_if_different(tracker, run, inputs, key)
-        return run
-    previous = tracker.parent_runs(STAGE)
-    same = [run for run in previous if run.data.tags.get("fingerprint") == key]
-    if cfg.resume:
-        if same:
-            return same[0]
-        if previous:
-            _refuse_if_different(tracker, previous[0], inputs, key)
-        logger.warning("resume=true but experiment %s has no ensemble run to resume: starting a new run",
-                       tracker.experiment_name)
-        return None
-    unfinished = [run for run in same if run.info.status in UNFINISHED]
-    if unfinished:
-        logger.warning("an unfinished ensemble run %s with the same settings exists (status %s); pass resume=true "
-                       "to continue it. Starting a new run.", unfinished[0].info.run_id, unfinished[0].info.status)
-    return None
-
-
-def _refuse_if_different(tracker: Tracker, run, inputs: dict, key: str) -> None:
-    if run.data.tags.get("fingerprint") == key:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            old = json.loads(tracker.download(run.info.run_id, CONFIG_ARTIFACT, tmp).read_text())
-            differences = describe_differences(old["fingerprint_inputs"], inputs)
-        except Exception:  # noqa: BLE001 - the run died before its config was recorded, or predates it
-            differences = ["(the earlier run recorded no config)"]
-    raise EnsembleError(f"cannot resume ensemble run {run.info.run_id}: these result-affecting settings differ: "
-                        f"{'; '.join(differences)}. Pass the original values to continue it, or resume=false to "
-                        "start a new run.")
 
 
 # ---------------------------------------------------------------- log, register, alias

@@ -140,8 +140,8 @@ class _Objective:
             if pruned:
                 raise optuna.TrialPruned(f"trial {number} pruned")
             return value
-        logger.info("trial %d/%d (optuna #%d) run=%s params=%s", number + 1, self.n_trials, trial.number, run_id,
-                    params)
+        logger.info("trial %d (optuna #%d; %d/%d trials finished) run=%s params=%s", number, trial.number,
+                    _finished(trial.study), self.n_trials, run_id, params)
         try:
             raise_if(params)
             unit = dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, **params), parent_id=run_id,
@@ -151,6 +151,8 @@ class _Objective:
             value, pruned = self._evaluate(trial, unit, run_id)
             if not math.isfinite(value):
                 raise ValueError(f"objective {ctx.cfg.metric} is {value}: the training diverged")
+        except optuna.TrialPruned:
+            raise
         except Exception as exc:
             _record_failure(tracker, run_id, trial.number, exc)
             raise
