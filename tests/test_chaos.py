@@ -9,7 +9,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import ROOT, run_entrypoint, store_env
+from conftest import ROOT, entrypoint, run_entrypoint, store_env
 from helpers import artifact_text, metric_steps, parents, runs
 
 pytestmark = pytest.mark.slow
@@ -80,3 +80,31 @@ def test_kfold_killed_ten_times_at_random_instants_ends_as_if_uninterrupted(tiny
     launchers = runs(env, "chaos", "tags.`mlflow.project.entryPoint` = 'kfold'")
     # a kill during `mlflow run`'s own start-up comes before it creates its run
     assert len(launchers) <= KILLS + 1 and launchers[-1].info.status == "FINISHED", instants
+
+
+def test_optuna_killed_ten_times_at_random_instants_ends_as_if_uninterrupted(tiny_data, tiny_model, tmp_path):
+    space = "{learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}, batch_size: " \
+            "{type: categorical, choices: [8, 16]}}"
+    params = {"data": tiny_data, "model": tiny_model, "n_trials": 6, "epochs": 2, "max_length": 32, "seed": 7,
+              "search_space": space, "pruner": "none", "heartbeat_interval": 1, "grace_period": 3,
+              "experiment_name": "chaos"}
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    ref_env = store_env(reference)
+    done = run_entrypoint("optuna_search", params, ref_env, reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (expected,) = parents(ref_env, "chaos", "optuna")
+
+    env = store_env(tmp_path)
+    cmd = entrypoint("optuna_search", {**params, "resume": "true"})  # the process itself is killed this time
+    instants = kill_at_random_instants(cmd, env, tmp_path, random.Random(11), KILLS, 1.0, 9.0)
+    assert len(instants) == KILLS, f"the stage finished after {len(instants)} kills: widen the instants"
+    final = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stderr[-3000:]
+
+    (parent,) = parents(env, "chaos", "optuna")
+    assert parent.info.status == "FINISHED"
+    trials = artifact_text(env, parent.info.run_id, "trials.csv", tmp_path / "t")
+    assert trials == artifact_text(ref_env, expected.info.run_id, "trials.csv", tmp_path / "rt"), instants
+    assert parent.data.metrics["best_value"] == expected.data.metrics["best_value"]
+    assert_nothing_twice_and_nothing_running(env, "trial")
