@@ -13,7 +13,6 @@ proposes, without persisting any sampler state.
 
 from __future__ import annotations
 
-import datetime
 import gc
 import logging
 import math
@@ -259,18 +258,18 @@ def worker_id() -> str:
 def recover_dead_trials(study: optuna.Study, storage: RDBStorage) -> list[int]:
     """Fail and re-queue RUNNING trials whose process on this host is gone (no wait for the heartbeat).
 
+    Called under the study lock, like ``_ask``, which sets a trial's owner: a retry taken by a live worker
+    never shows its dead predecessor's owner here.
+
     Trials of other hosts are recovered by Optuna's heartbeat once they are ``grace_period`` stale.
     """
     host = socket.gethostname()
     study_id = storage.get_study_id_from_name(study.study_name)
     recovered = []
-    settle = datetime.timedelta(seconds=storage.get_heartbeat_interval() or 0)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner_host, _, pid = str(trial.user_attrs.get(OWNER_ATTR, "")).rpartition(":")
         if owner_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
-        if trial.datetime_start and datetime.datetime.now() - trial.datetime_start < settle:
-            continue  # a retry just taken by a live worker still carries its dead predecessor's owner
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):

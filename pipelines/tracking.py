@@ -74,8 +74,32 @@ def tracking_uri() -> str:
         uri = f"sqlite:///{embedded_store() / 'mlflow.db'}"
     elif _sqlite_path(uri) is not None and not _sqlite_path(uri).is_absolute():
         uri = f"sqlite:///{_sqlite_path(uri).resolve()}"
+    if _sqlite_path(uri) is not None and not _sqlite_path(uri).exists():
+        _create_sqlite_store(_sqlite_path(uri))
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri
+
+
+def _create_sqlite_store(path: Path) -> None:
+    """Create a new SQLite tracking store in one step.
+
+    MLflow builds a store's schema in dozens of migrations; a process killed half-way leaves a file no later
+    process can open (``table assessments already exists``). So the schema is built in a private file that is
+    then linked into place atomically; when another process got there first, its store is used.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        SqlAlchemyStore(f"sqlite:///{private}", (path.parent / "artifacts").as_uri()).engine.dispose()
+        os.link(private, path)
+        logger.info("created tracking store %s", path)
+    except FileExistsError:
+        pass
+    finally:
+        for leftover in path.parent.glob(f"{private.name}*"):
+            leftover.unlink()
 
 
 def _sqlite_path(uri: str) -> Path | None:

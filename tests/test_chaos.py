@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 
 import pytest
 from conftest import ROOT, entrypoint, run_entrypoint, store_env
@@ -64,6 +65,10 @@ def test_kfold_killed_ten_times_at_random_instants_ends_as_if_uninterrupted(tiny
     (expected,) = parents(ref_env, "chaos", "kfold")
 
     env = store_env(tmp_path)
+    # `mlflow run` itself creates a missing store, in many steps: killed in its first seconds it would leave a
+    # broken file (our entry points create stores atomically, see tracking.tracking_uri). Create it first.
+    subprocess.run([sys.executable, "-c", "from pipelines.tracking import tracking_uri; tracking_uri()"], env=env,
+                   check=True)
     cmd = mlflow_run("kfold", {**params, "resume": "true"})
     instants = kill_at_random_instants(cmd, env, tmp_path, random.Random(7), KILLS, 1.0, 16.0)
     assert len(instants) == KILLS, f"the stage finished after {len(instants)} kills: widen the instants"
