@@ -99,6 +99,8 @@ def postgres_url(tmp_path_factory):
 
     bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
     if not bindirs:
+        if os.environ.get("PIPELINES_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL server binaries not installed (apt-get install postgresql)")
         pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
     bindir = Path(bindirs[-1])
     import tempfile
