@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pandas as pd
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from pipelines.checkpoints import CheckpointStore
@@ -36,6 +39,36 @@ class KeepLease(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.lease.check()
+
+
+def share_units(ctx: StageContext, count: int, attempt: Callable[[int], Any], what: str,
+                stop: Callable[[int, list], bool] | None = None) -> tuple[list, bool]:
+    """Do units ``0..count-1`` together with any other workers on the same parent run.
+
+    ``attempt(i)`` restores a done unit or does it under its lease, returning its result, or None while
+    another live worker holds it; such units are tried again once nothing else is left (a dead worker's
+    unit is taken over when its lease goes stale). Results come in unit order; ``stop(i, results_so_far)``
+    may end early (pruning): the second return value says whether it did.
+    """
+    results: dict[int, Any] = {}
+    progress = tqdm(total=count, desc=what, unit=what.rstrip("s"))
+    while len(results) < count:
+        busy = []
+        for i in (i for i in range(count) if i not in results):
+            result = attempt(i)
+            if result is None:
+                busy.append(i)
+                continue
+            results[i] = result
+            progress.update()
+            if stop is not None and stop(i, [results[j] for j in sorted(results)]):
+                progress.close()
+                return [results[j] for j in sorted(results)], True
+        if busy:
+            logger.info("waiting for %s %s: other workers hold them", what, busy)
+            time.sleep(min(ctx.cfg.heartbeat_interval, 5))
+    progress.close()
+    return [results[j] for j in sorted(results)], False
 
 
 def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.DataFrame, lease: Lease | None,

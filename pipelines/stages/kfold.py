@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipelines.config import KFoldConfig
 from pipelines.data import fold_plan, load_dataset
@@ -20,6 +18,7 @@ from pipelines.stages.common import (
     log_once,
     open_stage,
     restore_unit,
+    share_units,
     unit_done,
     upload_frame,
 )
@@ -61,24 +60,7 @@ def cross_validate(ctx: StageContext, folds: list[np.ndarray], after_fold=None,
     """
     if ctx.resumed:
         logger.info(_resume_summary(ctx, ctx.tracker.child_runs(ctx.parent_id, "fold"), len(folds)))
-    results: dict[int, FitResult] = {}
-    progress = tqdm(total=len(folds), desc="folds", unit="fold")
-    while len(results) < len(folds):
-        busy = []
-        for fold in (f for f in range(len(folds)) if f not in results):
-            result = _fold(ctx, fold, folds, save_model)
-            if result is None:
-                busy.append(fold)
-                continue
-            results[fold] = result
-            progress.update()
-            if after_fold is not None and after_fold(fold, [results[f] for f in sorted(results)]):
-                return [results[f] for f in sorted(results)], True
-        if busy:
-            logger.info("waiting for folds %s: other workers hold them", busy)
-            time.sleep(min(ctx.cfg.heartbeat_interval, 5))
-    progress.close()
-    return [results[f] for f in range(len(folds))], False
+    return share_units(ctx, len(folds), lambda fold: _fold(ctx, fold, folds, save_model), "folds", after_fold)
 
 
 def _fold(ctx: StageContext, fold: int, folds: list[np.ndarray], save_model: bool) -> FitResult | None:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from pipelines import faults
 from pipelines.config import PredictConfig
@@ -22,7 +21,7 @@ from pipelines.data import DataError, Dataset, content_digest, read_table
 from pipelines.inference import load_member, predict_proba
 from pipelines.models import ModelError, ModelSource, folder_digest
 from pipelines.serving import prediction_frame, validate_texts
-from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once, open_stage, upload_frame
+from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once, open_stage, share_units, upload_frame
 from pipelines.tracking import Tracker, download_model, load_pyfunc, registered_version
 
 logger = logging.getLogger(__name__)
@@ -39,49 +38,75 @@ def run(cfg: PredictConfig) -> dict[str, float]:
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-pred-") as tmp:
         source, predict = _load(cfg, Path(tmp))
         ctx = open_stage("predict", cfg, data, source, tracker)
-        starts = range(0, len(texts), cfg.shard_size)
-        done = _verified_shards(tracker, ctx.parent_id, starts, cfg.shard_size, len(texts), Path(tmp) / "check")
+        shards = Shards(ctx, texts, cfg.shard_size, Path(tmp) / "check")
         if ctx.resumed:
-            logger.info("resuming predict run %s: %d/%d shards done", ctx.parent_id, len(done), len(starts))
-        for i, start in enumerate(tqdm(starts, desc="shards", unit="shard")):
-            name = f"shard-{i:05d}.csv"
-            if name in done:
-                continue
-            rows = texts.iloc[start:start + cfg.shard_size]
-            result = predict(rows[["text"]].reset_index(drop=True))
-            upload_frame(tracker, ctx.parent_id, name, pd.concat([rows[["row_id"]].reset_index(drop=True), result],
-                                                                 axis=1), artifact_path=SHARDS)
-            faults.failpoint("predict_shard")
-        shards = tracker.download(ctx.parent_id, SHARDS, Path(tmp) / "shards")
-        predictions = pd.concat([pd.read_csv(path, dtype={"label": str}) for path in sorted(shards.glob("*.csv"))])
-        upload_frame(tracker, ctx.parent_id, PREDICTIONS_ARTIFACT, predictions)
-        if cfg.output:
-            predictions.to_csv(cfg.output, index=False)
-        counts = predictions["label"].value_counts()
-        summary = {**{f"count_{k}": int(v) for k, v in counts.items()},
-                   **{f"pct_{k}": 100.0 * v / len(predictions) for k, v in counts.items()}}
-        log_once(tracker, ctx.parent_id, summary)
-        tracker.finish(ctx.parent_id)
+            logger.info("resuming predict run %s: %d/%d shards done", ctx.parent_id, len(shards.done), len(shards))
+        share_units(ctx, len(shards), lambda i: shards.attempt(i, predict), "shards")
+        with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together finish it once
+            local = tracker.download(ctx.parent_id, SHARDS, Path(tmp) / "shards")
+            predictions = pd.concat([pd.read_csv(path, dtype={"label": str}) for path in sorted(local.glob("*.csv"))])
+            upload_frame(tracker, ctx.parent_id, PREDICTIONS_ARTIFACT, predictions)
+            if cfg.output:
+                predictions.to_csv(cfg.output, index=False)
+            counts = predictions["label"].value_counts()
+            summary = {**{f"count_{k}": int(v) for k, v in counts.items()},
+                       **{f"pct_{k}": 100.0 * v / len(predictions) for k, v in counts.items()}}
+            log_once(tracker, ctx.parent_id, summary)
+            tracker.finish(ctx.parent_id)
     logger.info("predict run %s: %d rows, class distribution %s", ctx.parent_id, len(predictions), counts.to_dict())
     return summary
 
 
-def _verified_shards(tracker: Tracker, run_id: str, starts: range, size: int, n_rows: int, tmp: Path) -> set[str]:
-    """Names of the logged shards holding exactly their rows (a copy torn by a crash is done again)."""
-    if not tracker.list_artifacts(run_id, SHARDS):
-        return set()
-    good = set()
-    for path in tracker.download(run_id, SHARDS, tmp).glob("*.csv"):
-        start = starts[int(path.stem.split("-")[1])]
+class Shards:
+    """The shards of rows of a predict run: ``shards/shard-<i>.csv`` artifacts, each done under its lease."""
+
+    def __init__(self, ctx, texts: pd.DataFrame, size: int, tmp: Path):
+        self.ctx, self.texts, self.size, self.tmp = ctx, texts, size, tmp
+        self.starts = range(0, len(texts), size)
+        listed = {Path(p).name for p in ctx.tracker.list_artifacts(ctx.parent_id, SHARDS)}
+        self.done = {i for i in range(len(self)) if self.name(i) in listed and self._verified(i, listed)}
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @staticmethod
+    def name(i: int) -> str:
+        return f"shard-{i:05d}.csv"
+
+    def attempt(self, i: int, predict) -> bool | None:
+        """True once shard ``i`` is done (by this worker now, or before); None while another worker holds it."""
+        if i in self.done:
+            return True
+        lease = self.ctx.leases.acquire(self.ctx.parent_id, f"shard-{i}")
+        if lease is None:
+            return None
+        with lease:
+            if not self._verified(i):  # another worker may have finished it meanwhile
+                rows = self.texts.iloc[self.starts[i]:self.starts[i] + self.size].reset_index(drop=True)
+                result = pd.concat([rows[["row_id"]], predict(rows[["text"]])], axis=1)
+                lease.check()
+                upload_frame(self.ctx.tracker, self.ctx.parent_id, self.name(i), result, artifact_path=SHARDS)
+                faults.failpoint("predict_shard")
+        self.done.add(i)
+        return True
+
+    def _verified(self, i: int, listed: set[str] | None = None) -> bool:
+        """Whether shard ``i`` is logged and holds exactly its rows (a copy torn by a crash is done again)."""
+        name, run_id = self.name(i), self.ctx.parent_id
+        if listed is None:
+            listed = {Path(p).name for p in self.ctx.tracker.list_artifacts(run_id, SHARDS)}
+        if name not in listed:
+            return False
         try:
-            rows = pd.read_csv(path, usecols=["row_id"])["row_id"].tolist()
-        except (ValueError, pd.errors.ParserError):
+            local = self.ctx.tracker.download(run_id, f"{SHARDS}/{name}", self.tmp)
+            rows = pd.read_csv(local, usecols=["row_id"])["row_id"].tolist()
+        except (ValueError, pd.errors.ParserError, OSError):
             rows = []
-        if rows == list(range(start, min(start + size, n_rows))):
-            good.add(path.name)
-        else:
-            logger.warning("shard %s of run %s is incomplete: it is predicted again", path.name, run_id)
-    return good
+        start = self.starts[i]
+        if rows == list(range(start, min(start + self.size, len(self.texts)))):
+            return True
+        logger.warning("shard %s of run %s is incomplete: it is predicted again", name, run_id)
+        return False
 
 
 def _load(cfg: PredictConfig, tmp: Path):
