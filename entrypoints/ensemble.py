@@ -2,7 +2,6 @@
 
 from pipelines.cli import main
 from pipelines.config import EnsembleConfig
-from pipelines.stages import ensemble
 
 if __name__ == "__main__":
-    main(EnsembleConfig, ensemble.run)
+    main(EnsembleConfig, "pipelines.stages.ensemble")

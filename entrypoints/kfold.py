@@ -2,7 +2,6 @@
 
 from pipelines.cli import main
 from pipelines.config import KFoldConfig
-from pipelines.stages import kfold
 
 if __name__ == "__main__":
-    main(KFoldConfig, kfold.run)
+    main(KFoldConfig, "pipelines.stages.kfold")

@@ -5,7 +5,6 @@
 
 from pipelines.cli import main
 from pipelines.config import OptunaConfig
-from pipelines.stages import search
 
 if __name__ == "__main__":
-    main(OptunaConfig, search.run)
+    main(OptunaConfig, "pipelines.stages.search")

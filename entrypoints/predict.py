@@ -2,7 +2,6 @@
 
 from pipelines.cli import main
 from pipelines.config import PredictConfig
-from pipelines.stages import predict
 
 if __name__ == "__main__":
-    main(PredictConfig, predict.run)
+    main(PredictConfig, "pipelines.stages.predict")

@@ -2,7 +2,6 @@
 
 from pipelines.cli import main
 from pipelines.config import RetrainConfig
-from pipelines.stages import retrain
 
 if __name__ == "__main__":
-    main(RetrainConfig, retrain.run)
+    main(RetrainConfig, "pipelines.stages.retrain")

@@ -2,7 +2,6 @@
 
 from pipelines.cli import main
 from pipelines.config import TrainConfig
-from pipelines.stages import train
 
 if __name__ == "__main__":
-    main(TrainConfig, train.run)
+    main(TrainConfig, "pipelines.stages.train")

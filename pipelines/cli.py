@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable
 
 from pipelines.config import Settings, UserError, parse_config
 from pipelines.leases import new_owner
@@ -14,7 +14,10 @@ from pipelines.tracking import Interrupted, claim_launcher, install_signal_handl
 logger = logging.getLogger("pipelines")
 
 
-def main(config_cls: type[Settings], stage: Callable[[Settings], object], argv: list[str] | None = None) -> None:
+def main(config_cls: type[Settings], stage: str, argv: list[str] | None = None) -> None:
+    """Parse ``config_cls`` and call ``run`` of the module ``stage``, imported only once the launcher run (under
+    ``mlflow run``) is claimed: importing transformers takes seconds, during which a kill would leave the
+    launcher indistinguishable from a live one."""
     logging.basicConfig(level=os.environ.get("PIPELINES_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -22,7 +25,7 @@ def main(config_cls: type[Settings], stage: Callable[[Settings], object], argv: 
     try:
         claim_launcher(new_owner())
         cfg = parse_config(config_cls, argv)
-        stage(cfg)
+        importlib.import_module(stage).run(cfg)
     except UserError as exc:
         logger.error("%s", exc)
         sys.exit(2)

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 TABLE = "pipelines_leases"
 CREATE_TIMEOUT = 60.0  # seconds spent retrying the creation of the table before giving up
 TAKEOVER_ATTEMPTS = 5  # insert / compare-and-set rounds in one acquire before reporting the unit busy
-_CREATE_RACES = ("already exists", "pg_type_typname_nsp_index", "duplicate key value", "database is locked",
+CREATE_RACES = ("already exists", "pg_type_typname_nsp_index", "duplicate key value", "database is locked",
                  "deadlock detected", "tuple concurrently updated")
 
 _metadata = MetaData()
@@ -131,7 +131,7 @@ def _create_table(engine: Engine) -> None:
             return
         except DBAPIError as exc:
             message = str(exc.orig if exc.orig is not None else exc)
-            if not any(race in message for race in _CREATE_RACES) or time.monotonic() > deadline:
+            if not any(race in message for race in CREATE_RACES) or time.monotonic() > deadline:
                 raise
             attempt += 1
             pause = random.uniform(0.05, 0.25) * min(attempt, 4)

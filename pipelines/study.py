@@ -17,6 +17,7 @@ import gc
 import logging
 import math
 import os
+import random
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pipelines.config import ConfigError
+from pipelines.leases import CREATE_RACES
 
 logger = logging.getLogger(__name__)
 # heartbeats, retries and the matplotlib plots are "experimental" in Optuna 5; we rely on them knowingly
@@ -222,17 +224,27 @@ def redact(url: str) -> str:
 
 
 def storage_for(settings: StudySettings) -> RDBStorage:
+    """The Optuna storage; workers opening a fresh database at the same instant race in its schema creation
+    (PostgreSQL: ``pg_type_typname_nsp_index``), so the losers retry for up to a minute."""
     if settings.storage.startswith("sqlite:///"):
         Path(settings.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return RDBStorage(
-            settings.storage,
-            heartbeat_interval=settings.heartbeat_interval,
-            grace_period=settings.grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True),
-        )
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors: name the storage and the fix
-        raise ConfigError(f"optuna_storage {redact(settings.storage)} cannot be opened: {exc}") from None
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return _rdb_storage(settings)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors: name the storage and the fix
+            if not any(race in str(exc) for race in CREATE_RACES) or time.monotonic() > deadline:
+                raise ConfigError(f"optuna_storage {redact(settings.storage)} cannot be opened: {exc}") from None
+            time.sleep(random.uniform(0.2, 1.0))
+
+
+def _rdb_storage(settings: StudySettings) -> RDBStorage:
+    return RDBStorage(
+        settings.storage,
+        heartbeat_interval=settings.heartbeat_interval,
+        grace_period=settings.grace_period,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True),
+    )
 
 
 def open_study(settings: StudySettings, storage: RDBStorage) -> optuna.Study:
@@ -268,7 +280,8 @@ def recover_dead_trials(study: optuna.Study, storage: RDBStorage) -> list[int]:
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner_host, _, pid = str(trial.user_attrs.get(OWNER_ATTR, "")).rpartition(":")
-        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+        orphan = OWNER_ATTR not in trial.user_attrs  # its process died inside _ask (which runs under the lock too)
+        if not orphan and (owner_host != host or not pid.isdigit() or _alive(int(pid))):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:
@@ -369,9 +382,9 @@ def _ask(study: optuna.Study, storage: RDBStorage) -> optuna.Trial:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)  # first: killed from here on, the trial goes stale like any other
     trial.set_user_attr(OWNER_ATTR, worker_id())
     trial.set_user_attr(LOGICAL_ATTR, logical_numbers(study.get_trials(deepcopy=False))[trial.number])
-    storage.record_heartbeat(trial._trial_id)
     return trial
 
 

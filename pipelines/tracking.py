@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipelines.config import ConfigError, NotFound
+from pipelines.leases import CREATE_RACES
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ def _while_store_initialises(action: Callable[[], Any], seconds: float = 120.0) 
         try:
             return action()
         except (sqlalchemy.exc.SQLAlchemyError, mlflow.exceptions.MlflowException) as exc:
-            if time.monotonic() > deadline:
+            racing = any(race in str(exc) for race in (*CREATE_RACES, "out-of-date database schema"))
+            if not racing or time.monotonic() > deadline:
                 raise
             logger.info("tracking store not ready (%s): retrying", str(exc).splitlines()[0][:200])
             time.sleep(random.uniform(0.5, 2.0))
@@ -187,8 +189,10 @@ class Tracker:
     def _fail_open_runs(self, exc_type, exc) -> None:
         status = "KILLED" if issubclass(exc_type, (Interrupted, KeyboardInterrupt)) else "FAILED"
         for run_id in reversed(self._open):
-            if run_id in self._shared and self._shared[run_id]():
-                logger.warning("run %s left RUNNING: other workers are still on it (this one: %s)", run_id, exc)
+            if run_id in self._shared and (self._shared[run_id]() or self.client.get_run(run_id).info.status
+                                           == "FINISHED"):
+                logger.warning("run %s left as it is: other workers are on it or finished it (this one: %s)",
+                               run_id, exc)
                 continue
             self.client.set_terminated(run_id, status)
             self.client.set_tag(run_id, "status_reason", f"{type(exc).__name__}: {exc}"[:5000])
@@ -354,7 +358,11 @@ def claim_launcher(worker: str) -> None:
     launcher = Tracker.launcher_id()
     if launcher:
         mlflow.set_tracking_uri(tracking_uri())
-        _while_store_initialises(lambda: MlflowClient().set_tag(launcher, WORKER_TAG, worker))
+        try:
+            _while_store_initialises(lambda: MlflowClient().set_tag(launcher, WORKER_TAG, worker))
+        except mlflow.exceptions.MlflowException as exc:
+            logger.warning("launcher run %s (MLFLOW_RUN_ID) could not be tagged (%s); was mlflow run given a "
+                           "relative tracking URI? Pass an absolute one", launcher, str(exc).splitlines()[0])
 
 
 def download_model(uri: str, dst: str | Path) -> Path:

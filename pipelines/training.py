@@ -159,7 +159,8 @@ def fit(
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    callbacks = [MlflowMetrics(tracker, run_id), UploadCheckpoints(store), *(callbacks or [])]
+    # the caller's callbacks first: a lost lease must stop a worker before it logs or uploads anything
+    callbacks = [*(callbacks or []), MlflowMetrics(tracker, run_id), UploadCheckpoints(store)]
     if cfg.early_stopping_patience and valid is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = Trainer(

@@ -123,3 +123,18 @@ def postgres_url(tmp_path_factory):
         subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
                        capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def fresh_database(server_url: str) -> str:
+    """A new, empty database on the PostgreSQL server (workers must create every schema themselves)."""
+    import uuid
+
+    import psycopg2
+
+    name = f"db_{uuid.uuid4().hex[:10]}"
+    connection = psycopg2.connect(server_url.replace("postgresql+psycopg2", "postgresql"))
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    connection.close()
+    return server_url.rsplit("/", 1)[0] + f"/{name}"

@@ -12,7 +12,7 @@ from collections import Counter
 import optuna
 import pandas as pd
 import pytest
-from conftest import entrypoint, run_entrypoint, store_env
+from conftest import entrypoint, fresh_database, run_entrypoint, store_env
 from helpers import artifact_frame, artifact_text, children, client, parents
 
 pytestmark = pytest.mark.slow
@@ -193,10 +193,10 @@ def test_three_workers_finish_n_trials_with_a_trial_that_always_raises(tiny_data
                                                                         postgres_url):
     env = store_env(tmp_path)
     # seed 7 proposes batch_size=16 for logical trials 0, 2, 3, ...: those always raise
-    args = optuna_args(tiny_data, tiny_model, tmp_path, optuna_storage=postgres_url, n_trials=0, epochs=1,
-                       search_space=RAISING_SPACE, heartbeat_interval=1, grace_period=3)
-    created = run_entrypoint("optuna_search", args, env, tmp_path)  # create study and parent once
-    assert created.returncode == 0, created.stderr[-3000:]
+    # started together on a fresh database: no create-first step
+    storage = fresh_database(postgres_url)
+    args = optuna_args(tiny_data, tiny_model, tmp_path, optuna_storage=storage, n_trials=0,
+                       epochs=1, search_space=RAISING_SPACE, heartbeat_interval=1, grace_period=3)
     work = {**args, "n_trials": 6, "max_retries": 1, "resume": "true"}
     workers = [subprocess.Popen(entrypoint("optuna_search", work), cwd=tmp_path,
                                 env={**env, "PIPELINES_RAISE_IF": "batch_size=16"},
@@ -207,7 +207,7 @@ def test_three_workers_finish_n_trials_with_a_trial_that_always_raises(tiny_data
     (parent,) = parents(env, "hpo", "optuna")
     assert parent.info.status == "FINISHED"
 
-    study = optuna.load_study(study_name=parent.data.tags["optuna_study"], storage=postgres_url)
+    study = optuna.load_study(study_name=parent.data.tags["optuna_study"], storage=storage)
     states = Counter(t.state.name for t in study.trials)
     assert states["COMPLETE"] + states["PRUNED"] == 6 and states["RUNNING"] == states["WAITING"] == 0, states
     by_number = {t.number: t for t in study.trials}

@@ -5,26 +5,12 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import uuid
 
 import pytest
-from conftest import entrypoint, store_env
-from helpers import artifact_frame, children, parents
+from conftest import entrypoint, fresh_database, store_env
+from helpers import artifact_frame, children, metric_steps, parents
 
 pytestmark = pytest.mark.slow
-
-
-def fresh_database(server_url: str) -> str:
-    """A new, empty database on the PostgreSQL server (workers must create every schema themselves)."""
-    import psycopg2
-
-    name = f"db_{uuid.uuid4().hex[:10]}"
-    connection = psycopg2.connect(server_url.replace("postgresql+psycopg2", "postgresql"))
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    connection.close()
-    return server_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def trained_folds(log: str) -> list[int]:
@@ -47,8 +33,11 @@ def test_three_workers_started_together_on_a_fresh_database_split_the_folds(tiny
 
     (parent,) = parents(env, "team", "kfold")  # one parent for all workers
     assert parent.info.status == "FINISHED"
-    folds = {r.data.tags["fold"]: r for r in children(env, "team", parent.info.run_id)}
-    assert sorted(folds) == ["0", "1", "2", "3", "4"] and all(r.info.status == "FINISHED" for r in folds.values())
+    fold_runs = [r for r in children(env, "team", parent.info.run_id) if "fold" in r.data.tags]
+    assert sorted(r.data.tags["fold"] for r in fold_runs) == ["0", "1", "2", "3", "4"], "one run per fold"
+    assert all(r.info.status == "FINISHED" for r in fold_runs)
+    for run in [parent, *fold_runs]:
+        assert all(len(s) == len(set(s)) for s in metric_steps(env, run.info.run_id).values()), "a step twice"
     (killed_fold,) = trained_folds(logs[0])
     survivors = trained_folds(logs[1]) + trained_folds(logs[2])
     assert sorted(survivors) == [0, 1, 2, 3, 4], "each fold is trained by exactly one surviving worker"

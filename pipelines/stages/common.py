@@ -32,12 +32,19 @@ UNIT_DONE_METRIC = f"{UNIT_METRIC_PREFIX}epochs_trained"  # logged by every unit
 
 
 class KeepLease(TrainerCallback):
-    """Stop training at the next step once another worker has taken the unit's lease over (``LeaseLost``)."""
+    """Stop a worker whose unit's lease another worker has taken over (``LeaseLost``), before its next step,
+    metric or checkpoint: it must not touch the new owner's run. (Placed before the logging callbacks.)"""
 
     def __init__(self, lease: Lease):
         self.lease = lease
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.lease.check()
+
+    def on_log(self, args, state, control, **kwargs):
+        self.lease.check()
+
+    def on_save(self, args, state, control, **kwargs):
         self.lease.check()
 
 
@@ -81,10 +88,10 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
     with tempfile.TemporaryDirectory(prefix="pipelines-unit-") as work:
         result = fit(ctx.cfg, ctx.model, ctx.data.labels, train, valid, ctx.tracker, run_id, store, Path(work),
                      callbacks=[*([KeepLease(lease)] if lease else []), *callbacks], save_model=save_model)
-    if result.predictions is not None:
-        upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
     if lease:
         lease.check()
+    if result.predictions is not None:
+        upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
     # the final metrics come last: once they are there, the unit is done even if the process dies now
     log_once(ctx.tracker, run_id, {f"{UNIT_METRIC_PREFIX}{k}": v for k, v in result.metrics.items()})
     store.clear()

@@ -18,6 +18,7 @@ import logging
 import platform
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -111,10 +112,7 @@ def _open(ctx: StageContext, tags: dict, params: dict, checked_tags: dict | None
         if parent is None:
             _start_parent(ctx, {**tags, **checked}, params)
         else:
-            _attach(ctx, parent, checked)
-        ctx.worker = ctx.leases.acquire(ctx.parent_id, f"worker-{id(ctx):x}")
-    tracker.share(ctx.parent_id, ctx.others_working)
-    tracker.on_close(ctx.worker.release)
+            _attach(ctx, parent, checked, params)
     tracker.adopt_launcher(ctx.parent_id, stage, ctx.resumed)
     _sweep_dead_runs(ctx)
     return ctx
@@ -149,13 +147,27 @@ def _choose_parent(ctx: StageContext):
 
 def _start_parent(ctx: StageContext, tags: dict, params: dict) -> None:
     ctx.parent_id = ctx.tracker.start_parent(ctx.stage, ctx.fingerprint, {**tags, **environment()})
-    ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_dict(), **params, "fingerprint": ctx.fingerprint})
-    record = {"settings": ctx.cfg.to_dict(), "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
-    upload_json(ctx.tracker, ctx.parent_id, CONFIG_ARTIFACT, record)
+    _hold(ctx)
+    _record(ctx, params)
     logger.info("started %s run %s fingerprint=%s", ctx.stage, ctx.parent_id, ctx.fingerprint)
 
 
-def _attach(ctx: StageContext, parent, checked: dict) -> None:
+def _hold(ctx: StageContext) -> None:
+    """Take this worker's lease on the parent (before anything could sweep it as dead) and let the tracker know
+    that it is shared: a failing worker leaves it to the others."""
+    ctx.worker = ctx.leases.acquire(ctx.parent_id, f"worker-{uuid.uuid4().hex}")
+    ctx.tracker.on_close(ctx.worker.release)
+    ctx.tracker.share(ctx.parent_id, ctx.others_working)
+
+
+def _record(ctx: StageContext, params: dict) -> None:
+    """The resolved settings as params and ``config.json`` (the record later stages read)."""
+    ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_dict(), **params, "fingerprint": ctx.fingerprint})
+    record = {"settings": ctx.cfg.to_dict(), "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
+    upload_json(ctx.tracker, ctx.parent_id, CONFIG_ARTIFACT, record)
+
+
+def _attach(ctx: StageContext, parent, checked: dict, params: dict) -> None:
     tags = parent.data.tags
     for key, value in checked.items():
         if tags.get(key, value) != value:
@@ -169,7 +181,11 @@ def _attach(ctx: StageContext, parent, checked: dict) -> None:
     ctx.parent_id, ctx.resumed_status = parent.info.run_id, parent.info.status
     if parent.info.status == "RUNNING" and not ctx.leases.live(ctx.parent_id):
         logger.warning("run %s is marked RUNNING but no worker holds it: its process died", ctx.parent_id)
+    _hold(ctx)
     ctx.tracker.reopen(ctx.parent_id)
+    if CONFIG_ARTIFACT not in ctx.tracker.list_artifacts(ctx.parent_id, ""):  # killed while it was started
+        logger.warning("run %s has no %s: recording its settings now", ctx.parent_id, CONFIG_ARTIFACT)
+        _record(ctx, params)
 
 
 def environment() -> dict[str, str]:
@@ -184,29 +200,42 @@ def environment() -> dict[str, str]:
 def _sweep_dead_runs(ctx: StageContext) -> None:
     """Mark RUNNING parents of this stage whose workers are all gone (no live lease) FAILED, and RUNNING
     ``mlflow run`` launcher runs whose process is gone KILLED, each tagged with why: the UI must not show
-    runs that run forever."""
-    tracker = ctx.tracker
+    runs that run forever. Runs whose leases live in another database, or younger than ``grace_period``
+    (a worker may be between creating a run and taking its lease), are left alone."""
+    tracker, storage = ctx.tracker, redact(state_storage(ctx.cfg.optuna_storage))
     for run in tracker.running_runs():
         tags, run_id = run.data.tags, run.info.run_id
-        if tags.get("stage") == ctx.stage and run_id != ctx.parent_id and not ctx.leases.live(run_id):
-            tracker.mark_dead(run_id, "FAILED", "its process died: no worker holds a live lease on it")
-        elif tags.get(PROJECT_ENTRY_TAG) == ctx.stage and run_id != tracker.launcher_id() \
-                and _launcher_dead(ctx, run):
-            tracker.mark_dead(run_id, "KILLED", "the process this mlflow run launched died")
+        young = time.time() - run.info.start_time / 1000 < ctx.cfg.grace_period
+        try:
+            if tags.get("stage") == ctx.stage and run_id != ctx.parent_id and not young \
+                    and tags.get("optuna_storage") == storage and not ctx.leases.live(run_id):
+                tracker.mark_dead(run_id, "FAILED", "its process died: no worker holds a live lease on it")
+            elif tags.get(PROJECT_ENTRY_TAG) == ctx.stage and run_id != tracker.launcher_id() \
+                    and _launcher_dead(ctx, run):
+                tracker.mark_dead(run_id, "KILLED", "the process this mlflow run launched died")
+        except Exception as exc:  # noqa: BLE001 - tidying up must never stop the stage
+            logger.warning("could not check run %s for a dead process: %s", run_id, exc)
 
 
 def _launcher_dead(ctx: StageContext, run) -> bool:
-    """Whether the entry-point process of an ``mlflow run`` launcher run is gone. Its process tags the launcher
-    (``worker``) within seconds of starting: one still untagged after ``grace_period`` was killed before that."""
+    """Whether the entry-point process of an ``mlflow run`` launcher run is gone.
+
+    The entry point tags its launcher (``worker``) as its first act, seconds after ``mlflow run`` created the
+    run with ``--env-manager local``: one still untagged after ``grace_period`` was killed before (with conda
+    or virtualenv, building the environment comes in between: then only after an hour).
+    """
     tags = run.data.tags
     worker = tags.get(WORKER_TAG, "")
     if not worker:
-        return time.time() - run.info.start_time / 1000 > ctx.cfg.grace_period
+        window = ctx.cfg.grace_period if tags.get("mlflow.project.env", "local") == "local" else 3600
+        return time.time() - run.info.start_time / 1000 > window
     alive = owner_alive(worker)
     if alive is not None:
         return not alive
+    if "stage_run_id" not in tags:  # another host's invocation still starting: cannot tell, leave it
+        return False
     process = worker.rsplit(":", 1)[0]  # host:pid of another host: alive while it holds a lease on its stage run
-    return not any(info.owner.startswith(process + ":") for info in ctx.leases.live(tags.get("stage_run_id", "-")))
+    return not any(info.owner.startswith(process + ":") for info in ctx.leases.live(tags["stage_run_id"]))
 
 
 def _refuse_if_different(ctx: StageContext, run) -> None:

@@ -76,8 +76,9 @@ def run(cfg: EnsembleConfig) -> dict[str, float]:
             logger.info("ensemble run %s already finished: nothing to do", parent)
             tracker.finish(parent)
             return tracker.metrics(parent)
-        version = _publish(tracker, parent, cfg, sources, Path(tmp))
-        tracker.finish(parent)
+        with ctx.leases.wait_for(parent, "unit"):  # one worker publishes; another one then finds it done
+            version = _publish(tracker, parent, cfg, sources, Path(tmp))
+            tracker.finish(parent)
         metrics = tracker.metrics(parent)
     logger.info("ensemble run %s: %s registered as %s version %s (alias %s)", parent,
                 " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("ensemble_")),

@@ -11,6 +11,7 @@ import pandas as pd
 
 from pipelines.config import KFoldConfig
 from pipelines.data import fold_plan, load_dataset
+from pipelines.leases import LeaseLost
 from pipelines.models import resolve_model
 from pipelines.stages.common import (
     StageContext,
@@ -84,7 +85,12 @@ def _fold(ctx: StageContext, fold: int, folds: list[np.ndarray], save_model: boo
         if run is not None and unit_done(run):
             result = restore_unit(ctx, run_id)
         else:
-            result = _train_fold(ctx, fold, run_id, folds, lease, save_model)
+            try:
+                result = _train_fold(ctx, fold, run_id, folds, lease, save_model)
+            except LeaseLost:
+                logger.error("fold %d was taken over by another worker: leaving it to them", fold)
+                ctx.tracker.forget(run_id)
+                return None
         ctx.tracker.finish(run_id)
     return result
 

@@ -57,20 +57,27 @@ from pipelines.study import (
 from pipelines.tracking import Tracker, state_storage
 
 logger = logging.getLogger(__name__)
+PRUNED_TAG = "pruned_at_step"
 RUN_ATTR = "mlflow_run_id"
 ERROR_TAG, FAILED_ATTEMPTS_TAG = "error", "failed_attempts"
 
 
 class ReportToOptuna(TrainerCallback):
-    """Report the validation metric to Optuna at each evaluation; stop training when pruned."""
+    """Report the validation metric to Optuna at each evaluation; stop training when pruned.
 
-    def __init__(self, trial: optuna.Trial, metric: str):
+    The decision is tagged on the trial's run (``pruned_at_step``) before the checkpoint of that evaluation is
+    saved: a process killed after it must not come back and call a pruned trial complete.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, tracker: Tracker, run_id: str):
         self.trial, self.metric, self.pruned = trial, metric, False
+        self.tracker, self.run_id = tracker, run_id
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         step = round(state.epoch) if not args.eval_steps else state.global_step
         self.trial.report(metrics[f"eval_{self.metric}"], step)
         if self.trial.should_prune():
+            self.tracker.set_tags(self.run_id, {PRUNED_TAG: str(state.global_step)})
             self.pruned = control.should_training_stop = True
 
 
@@ -102,11 +109,14 @@ def run(cfg: OptunaConfig) -> dict:
         if ctx.resumed:
             logger.info(_resume_summary(ctx, study, cfg.n_trials, recovered))
         limits = SearchLimits(cfg.n_trials, cfg.max_retries, cfg.timeout, poll=min(cfg.heartbeat_interval, 5))
-        if not optimize(study, storage, _Objective(ctx, space, folds, valid, cfg.n_trials), limits, lock):
+        done = optimize(study, storage, _Objective(ctx, space, folds, valid, cfg.n_trials), limits, lock)
+        with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together report once
+            summary = _report(ctx, study)
+            if done or not ctx.others_working():
+                tracker.finish(ctx.parent_id)
+        if not done:
             logger.warning("timeout=%ss reached: %d/%d trials finished; continue with resume=true", cfg.timeout,
                            _finished(study), cfg.n_trials)
-        summary = _report(ctx, study)
-        tracker.finish(ctx.parent_id)
     return summary
 
 
@@ -179,10 +189,11 @@ class _Objective:
             frame = unit.data.frame
             is_valid = np.zeros(len(frame), dtype=bool)
             is_valid[self.valid] = True
-            reporter = ReportToOptuna(trial, metric)
+            reporter = ReportToOptuna(trial, metric, unit.tracker, run_id)
             result = fit_unit(unit, run_id, frame[~is_valid], frame[is_valid], None, callbacks=[reporter],
                               save_model=False)
-            return result.metrics[metric], reporter.pruned
+            pruned = reporter.pruned or PRUNED_TAG in unit.tracker.get_run(run_id).data.tags
+            return result.metrics[metric], pruned
 
         def after_fold(fold: int, results: list) -> bool:
             trial.report(float(np.mean([r.metrics[metric] for r in results])), fold)
