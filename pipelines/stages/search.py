@@ -99,7 +99,7 @@ def run(cfg: OptunaConfig) -> dict:
         ctx = open_stage("optuna", cfg, data, model, tracker, extra_inputs=extra)
         # a resumed search keeps its study, even when resumed from another experiment
         settings.study_name = (cfg.study_name or tracker.get_run(ctx.parent_id).data.tags.get("optuna_study")
-                               or f"{tracker.experiment_name}-{ctx.fingerprint}")
+                               or f"{tracker.experiment_name}-{ctx.fingerprint}-{ctx.parent_id[:8]}")
         study = open_study(settings, storage)
         tracker.set_tags(ctx.parent_id, {"optuna_study": settings.study_name})
         study.set_user_attr("mlflow_parent_run_id", ctx.parent_id)
