@@ -241,3 +241,16 @@ def test_three_workers_finish_n_trials_with_a_trial_that_always_raises(tiny_data
     assert set(table.loc[table["state"] == "FAIL", "number"]) == failed
     assert table.loc[table["state"] == "FAIL", "error"].str.startswith("RuntimeError").all()
     assert (table["state"] == "COMPLETE").sum() == 6
+
+
+def test_resume_false_starts_a_new_study(tiny_data, tiny_model, tmp_path):
+    env = store_env(tmp_path)
+    args = optuna_args(tiny_data, tiny_model, tmp_path, n_trials=1, epochs=1)
+    for _ in range(2):
+        proc = run_entrypoint("optuna_search", args, env, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = parents(env, "hpo", "optuna")
+    assert first.data.tags["optuna_study"] != second.data.tags["optuna_study"]
+    assert "an unfinished optuna run" not in proc.stderr
+    for run in (first, second):  # each search ran its own single trial, numbered 0
+        assert trials_table(env, run.info.run_id, tmp_path / run.info.run_id)["number"].tolist() == [0]
