@@ -46,6 +46,7 @@ CONFIG_ARTIFACT = "config.json"
 BEST_PARAMS_ARTIFACT = "best_params.json"
 STATUS_REASON_TAG = "status_reason"
 VERSIONED = ("torch", "transformers", "mlflow", "optuna")
+PARENT_TAG = "mlflow.parentRunId"
 PROJECT_ENTRY_TAG = "mlflow.project.entryPoint"  # set by `mlflow run` on its launcher run
 OPEN_TIMEOUT = 600  # seconds a worker waits for another one choosing the same parent
 
@@ -203,18 +204,23 @@ def _sweep_dead_runs(ctx: StageContext) -> None:
     runs that run forever. Runs whose leases live in another database, or younger than ``grace_period``
     (a worker may be between creating a run and taking its lease), are left alone."""
     tracker, storage = ctx.tracker, redact(state_storage(ctx.cfg.optuna_storage))
-    for run in tracker.running_runs():
+    running, dead = tracker.running_runs(), set()
+    for run in running:
         tags, run_id = run.data.tags, run.info.run_id
         young = time.time() - run.info.start_time / 1000 < ctx.cfg.grace_period
         try:
             if tags.get("stage") == ctx.stage and run_id != ctx.parent_id and not young \
                     and tags.get("optuna_storage") == storage and not ctx.leases.live(run_id):
                 tracker.mark_dead(run_id, "FAILED", "its process died: no worker holds a live lease on it")
+                dead.add(run_id)
             elif tags.get(PROJECT_ENTRY_TAG) == ctx.stage and run_id != tracker.launcher_id() \
                     and _launcher_dead(ctx, run):
                 tracker.mark_dead(run_id, "KILLED", "the process this mlflow run launched died")
         except Exception as exc:  # noqa: BLE001 - tidying up must never stop the stage
             logger.warning("could not check run %s for a dead process: %s", run_id, exc)
+    for run in running:  # the units (folds, trials) its dead workers left RUNNING
+        if run.data.tags.get(PARENT_TAG) in dead:
+            tracker.mark_dead(run.info.run_id, "FAILED", "the process of its parent run died")
 
 
 def _launcher_dead(ctx: StageContext, run) -> bool:
