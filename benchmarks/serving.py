@@ -31,7 +31,7 @@ import pandas as pd
 from pipelines.config import DEFAULT_MODEL
 from pipelines.models import resolve_model
 from pipelines.serving import SPEC, EnsembleModel, prediction_frame
-from pipelines.tracking import log_pyfunc_model
+from pipelines.tracking import log_pyfunc, register_model, set_alias
 
 LABELS = ["computers", "politics", "science", "work"]
 TEXTS = pd.read_csv(Path(__file__).resolve().parent.parent / "data" / "fortunes_4class.csv")["text"].tolist()
@@ -85,8 +85,9 @@ def register(model, name: str, members: list[dict], folder: Path) -> None:
                                               .experiment_id).info.run_id
     example = pd.DataFrame({"text": ["an example"]})
     output = prediction_frame(np.full((1, len(LABELS)), 0.25), LABELS)
-    log_pyfunc_model(run_id, model, {"spec": str(spec_path), **{m["name"]: m["path"] for m in members}}, example,
-                     output, name, "bench", code_paths=[str(Path(__file__).resolve().parent.parent / "pipelines")])
+    uri = log_pyfunc(run_id, model, {"spec": str(spec_path), **{m["name"]: m["path"] for m in members}}, example,
+                     output, code_paths=[str(Path(__file__).resolve().parent.parent / "pipelines")])
+    set_alias(name, "bench", register_model(uri, name))
 
 
 def serve(name: str, env: dict) -> tuple[subprocess.Popen, int]:

@@ -374,30 +374,6 @@ def download_model(uri: str, dst: str | Path) -> Path:
         raise FileNotFoundError(f"model {uri} could not be downloaded: {exc.message}") from None
 
 
-def log_pyfunc_model(run_id: str, python_model, artifacts: dict[str, str], input_example, output_example,
-                     registered_name: str, alias: str, code_paths: list[str]) -> str:
-    """Log a pyfunc model as the last step of ``run_id`` (which it ends), register it, point ``alias`` at it.
-
-    Returns the registered version.
-    """
-    from mlflow.models import infer_signature
-
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=python_model,
-            artifacts=artifacts,
-            code_paths=code_paths,
-            signature=infer_signature(input_example, output_example),
-            input_example=input_example,
-            registered_model_name=registered_name,
-        )
-        mlflow.set_tag("model_uri", info.model_uri)
-    version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(registered_name, alias, version)
-    return version
-
-
 def load_pyfunc(uri: str):
     """Load a pyfunc model (``models:/...``, ``runs:/...`` or a local folder with an MLmodel file)."""
     tracking_uri()
@@ -418,7 +394,7 @@ def registered_version(uri: str) -> str:
     return uri.removeprefix("models:/")
 
 
-# --- registry helpers (ensemble resume) ---
+# --- registry: log, register and alias as separate steps ---
 # Logging, registering and aliasing a model as separate steps, so that a stage killed between any two of them
 # resumes with the next one instead of logging or registering again (see pipelines/stages/ensemble.py).
 
@@ -474,4 +450,3 @@ def model_versions_of_run(name: str, run_id: str) -> list[str]:
     escaped = name.replace("'", "\\'")
     versions = MlflowClient().search_model_versions(f"name = '{escaped}' AND run_id = '{run_id}'")
     return sorted((str(v.version) for v in versions), key=int)
-# --- end of registry helpers (ensemble resume) ---
