@@ -61,3 +61,35 @@ def test_runs_of_dead_processes_are_marked_and_live_ones_are_not(tracker):
         "dead_launcher": "KILLED", "untagged": "KILLED"}
     assert "no worker holds a live lease" in status["dead_parent"].data.tags["status_reason"]
     assert "process this mlflow run launched died" in status["dead_launcher"].data.tags["status_reason"]
+
+
+def test_resuming_with_another_state_database_is_refused(tracker, tmp_path):
+    from pipelines.config import EnsembleConfig
+
+    inputs = {"stage": "ensemble", "anything": 1}
+    first = EnsembleConfig(source_runs="r1", optuna_storage=f"sqlite:///{tmp_path}/a.db")
+    parent = contract.open_run("ensemble", first, tracker, inputs, {}).parent_id
+    tracker.finish(parent)
+    again = EnsembleConfig(source_runs="r1", optuna_storage=f"sqlite:///{tmp_path}/b.db", resume=True)
+    with pytest.raises(contract.ResumeError) as refused:
+        contract.open_run("ensemble", again, tracker, inputs, {})
+    assert f"it used optuna_storage=sqlite:///{tmp_path}/a.db" in str(refused.value)
+    assert f"pass optuna_storage=sqlite:///{tmp_path}/a.db" in str(refused.value)
+
+
+def test_stores_do_not_depend_on_the_working_folder(tmp_path, monkeypatch):
+    from conftest import ROOT
+
+    from pipelines.config import ConfigError
+    from pipelines.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri() == f"sqlite:///{ROOT}/mlruns/mlflow.db"  # the project's, from any folder
+    assert state_storage("") == f"sqlite:///{ROOT}/mlruns/optuna.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///rel/mlflow.db")
+    assert tracking_uri() == f"sqlite:///{tmp_path}/rel/mlflow.db"  # made absolute once, then recorded so
+    assert state_storage("sqlite:///o.db") == f"sqlite:///{tmp_path}/o.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/")
+    with pytest.raises(ConfigError, match="pass optuna_storage="):
+        state_storage("")
