@@ -43,6 +43,18 @@ def kill_at_random_instants(cmd: list[str], env: dict, cwd, rng: random.Random, 
     return instants
 
 
+def kill_ten_times_then_finish(cmd: list[str], env: dict, cwd, rng: random.Random, latest: float, stage: str):
+    """SIGKILL ``cmd`` at ``KILLS`` random instants in [1 s, ``latest``], resuming each time, then let it finish;
+    the stage's one parent run (FINISHED) and the kill instants."""
+    instants = kill_at_random_instants(cmd, env, cwd, rng, KILLS, 1.0, latest)
+    assert len(instants) == KILLS, f"the stage finished after {len(instants)} kills: widen the instants"
+    final = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stderr[-3000:]
+    (parent,) = parents(env, "chaos", stage)
+    assert parent.info.status == "FINISHED"
+    return parent, instants
+
+
 def assert_nothing_twice_and_nothing_running(env: dict, unit_key: str) -> None:
     everything = runs(env, "chaos")
     running = [(r.info.run_id, r.data.tags.get("mlflow.runName")) for r in everything if r.info.status == "RUNNING"]
@@ -70,13 +82,7 @@ def test_kfold_killed_ten_times_at_random_instants_ends_as_if_uninterrupted(tiny
     subprocess.run([sys.executable, "-c", "from pipelines.tracking import tracking_uri; tracking_uri()"], env=env,
                    check=True)
     cmd = mlflow_run("kfold", {**params, "resume": "true"})
-    instants = kill_at_random_instants(cmd, env, tmp_path, random.Random(7), KILLS, 1.0, 16.0)
-    assert len(instants) == KILLS, f"the stage finished after {len(instants)} kills: widen the instants"
-    final = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert final.returncode == 0, final.stderr[-3000:]
-
-    (parent,) = parents(env, "chaos", "kfold")
-    assert parent.info.status == "FINISHED"
+    parent, instants = kill_ten_times_then_finish(cmd, env, tmp_path, random.Random(7), 16.0, "kfold")
     oof = artifact_text(env, parent.info.run_id, "oof_predictions.csv", tmp_path / "oof")
     assert oof == artifact_text(ref_env, expected.info.run_id, "oof_predictions.csv", tmp_path / "ref")
     cv = {k: v for k, v in parent.data.metrics.items() if k.startswith(("cv_", "fold"))}
@@ -102,13 +108,7 @@ def test_optuna_killed_ten_times_at_random_instants_ends_as_if_uninterrupted(tin
 
     env = store_env(tmp_path)
     cmd = entrypoint("optuna_search", {**params, "resume": "true"})  # the process itself is killed this time
-    instants = kill_at_random_instants(cmd, env, tmp_path, random.Random(11), KILLS, 1.0, 9.0)
-    assert len(instants) == KILLS, f"the stage finished after {len(instants)} kills: widen the instants"
-    final = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert final.returncode == 0, final.stderr[-3000:]
-
-    (parent,) = parents(env, "chaos", "optuna")
-    assert parent.info.status == "FINISHED"
+    parent, instants = kill_ten_times_then_finish(cmd, env, tmp_path, random.Random(11), 9.0, "optuna")
     trials = artifact_text(env, parent.info.run_id, "trials.csv", tmp_path / "t")
     assert trials == artifact_text(ref_env, expected.info.run_id, "trials.csv", tmp_path / "rt"), instants
     assert parent.data.metrics["best_value"] == expected.data.metrics["best_value"]
