@@ -14,13 +14,7 @@ from transformers import TrainerCallback
 
 from pipelines.checkpoints import CheckpointStore
 from pipelines.leases import Lease
-from pipelines.stages.contract import (  # noqa: F401 - re-exported for the stages
-    BEST_PARAMS_ARTIFACT,
-    StageContext,
-    open_stage,
-    recorded_settings,
-    upload_json,
-)
+from pipelines.stages.contract import StageContext
 from pipelines.tracking import Tracker
 from pipelines.training import FitResult, fit
 

@@ -13,16 +13,8 @@ from pipelines.config import KFoldConfig
 from pipelines.data import fold_plan, load_dataset
 from pipelines.leases import LeaseLost
 from pipelines.models import resolve_model
-from pipelines.stages.common import (
-    StageContext,
-    fit_unit,
-    log_once,
-    open_stage,
-    restore_unit,
-    share_units,
-    unit_done,
-    upload_frame,
-)
+from pipelines.stages.common import fit_unit, log_once, restore_unit, share_units, unit_done, upload_frame
+from pipelines.stages.contract import StageContext, open_stage
 from pipelines.tracking import Tracker
 from pipelines.training import FitResult
 

@@ -21,7 +21,8 @@ from pipelines.data import DataError, Dataset, content_digest, read_table
 from pipelines.inference import load_member, predict_proba
 from pipelines.models import ModelError, ModelSource, folder_digest
 from pipelines.serving import prediction_frame, validate_texts
-from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once, open_stage, share_units, upload_frame
+from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once, share_units, upload_frame
+from pipelines.stages.contract import open_stage
 from pipelines.tracking import Tracker, download_model, load_pyfunc, registered_version
 
 logger = logging.getLogger(__name__)

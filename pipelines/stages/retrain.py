@@ -9,7 +9,8 @@ from pathlib import Path
 from pipelines.config import ConfigError, RetrainConfig
 from pipelines.data import load_dataset
 from pipelines.models import resolve_model
-from pipelines.stages.common import open_stage, run_as_unit
+from pipelines.stages.common import run_as_unit
+from pipelines.stages.contract import open_stage
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)

@@ -28,15 +28,8 @@ from pipelines.config import OptunaConfig, fingerprint
 from pipelines.data import fold_plan, holdout_split, load_dataset
 from pipelines.faults import raise_if
 from pipelines.models import resolve_model
-from pipelines.stages.common import (
-    BEST_PARAMS_ARTIFACT,
-    StageContext,
-    fit_unit,
-    log_once,
-    open_stage,
-    upload_frame,
-    upload_json,
-)
+from pipelines.stages.common import fit_unit, log_once, upload_frame
+from pipelines.stages.contract import BEST_PARAMS_ARTIFACT, StageContext, open_stage, upload_json
 from pipelines.stages.kfold import cross_validate
 from pipelines.study import (
     ERROR_ATTR,

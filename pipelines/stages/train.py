@@ -11,7 +11,8 @@ import numpy as np
 from pipelines.config import TrainConfig
 from pipelines.data import holdout_split, load_dataset
 from pipelines.models import resolve_model
-from pipelines.stages.common import open_stage, run_as_unit
+from pipelines.stages.common import run_as_unit
+from pipelines.stages.contract import open_stage
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)
