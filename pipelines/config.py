@@ -23,7 +23,10 @@ import yaml
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_DATA = str(Path(__file__).resolve().parent.parent / "data" / "fortunes_4class.csv")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-METRICS = ("f1_macro", "accuracy", "loss")
+TASKS = ("classification", "summarization")  # each has a module in pipelines/tasks/
+ROUGE_TOKENIZERS = ("whitespace", "char", "morpheme", "default")
+GENERATION = ("max_new_tokens", "min_new_tokens", "num_beams", "repetition_penalty", "length_penalty",
+              "no_repeat_ngram_size")  # the result-affecting generation settings (one GenerationConfig)
 
 
 class UserError(ValueError):
@@ -38,9 +41,11 @@ class ConfigError(UserError):
     """A setting is invalid; the message names it and says what to do."""
 
 
-def setting(default: Any, help: str, *, result: bool = True, choices: tuple | None = None) -> Any:
-    """A config field. ``result=False`` keeps it out of the fingerprint (it changes how, not what)."""
-    return field(default=default, metadata={"help": help, "result": result, "choices": choices})
+def setting(default: Any, help: str, *, result: bool = True, choices: tuple | None = None,
+            task: str | None = None) -> Any:
+    """A config field. ``result=False`` keeps it out of the fingerprint (it changes how, not what);
+    ``task`` names the one task the setting belongs to (it is ignored, and must stay unset, for the others)."""
+    return field(default=default, metadata={"help": help, "result": result, "choices": choices, "task": task})
 
 
 class Settings:
@@ -54,7 +59,12 @@ class Settings:
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change results (the fingerprint's inputs, besides data and model digests)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["result"]}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["result"] and self.applies(f)}
+
+    def applies(self, f: dataclasses.Field) -> bool:
+        """Whether setting ``f`` belongs to this configuration's task (settings of no task always do)."""
+        return f.metadata.get("task") in (None, getattr(self, "task", None))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,13 +95,18 @@ class Coordinated(Settings):
 class StageConfig(Coordinated):
     """Settings shared by every training stage."""
 
-    POSITIVE = ("epochs", "learning_rate", "batch_size", "eval_batch_size", "gradient_accumulation_steps",
-                "max_length", "max_grad_norm", "logging_steps")
+    POSITIVE = ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_grad_norm",
+                "logging_steps")
+    SEQ2SEQ_POSITIVE = ("max_source_length", "max_target_length", "max_new_tokens", "num_beams",
+                        "repetition_penalty", "length_penalty", "generation_batch_size")
 
+    task: str = setting("classification", "What the model learns (pipelines/tasks/): classification of a text, or "
+                        "summarization (seq2seq generation scored with ROUGE).", choices=TASKS)
     data: str = setting(DEFAULT_DATA, "CSV, JSONL or Parquet file with the examples.", result=False)
-    text_column: str = setting("text", "Column holding the input text.")
-    label_column: str = setting("label", "Column holding the class label.")
-    max_samples: int = setting(0, "Use at most this many rows (stratified sample); 0 uses all.")
+    text_column: str = setting("text", "Column holding the input text (summarization: the source document).")
+    label_column: str = setting("label", "Column holding the class label.", task="classification")
+    max_samples: int = setting(0, "Use at most this many rows (classification: stratified sample, summarization: "
+                               "uniform); 0 uses all.")
     model: str = setting(
         DEFAULT_MODEL,
         "Hugging Face hub id, local folder, runs:/<run_id>/<path> or models:/<name>@<alias>.",
@@ -100,9 +115,10 @@ class StageConfig(Coordinated):
     epochs: int = setting(3, "Training epochs.")
     learning_rate: float = setting(5e-5, "Peak learning rate of AdamW.")
     batch_size: int = setting(16, "Training batch size per device.")
-    eval_batch_size: int = setting(64, "Batch size for evaluation and prediction.", result=False)
+    eval_batch_size: int = setting(64, "Batch size for evaluation and prediction.", result=False,
+                                   task="classification")
     gradient_accumulation_steps: int = setting(1, "Batches accumulated per optimizer step.")
-    max_length: int = setting(128, "Tokens per example after truncation.")
+    max_length: int = setting(128, "Tokens per example after truncation.", task="classification")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     warmup_ratio: float = setting(0.0, "Fraction of steps with linear learning-rate warm-up.")
     scheduler_type: str = setting("linear", "Learning-rate schedule.", choices=SCHEDULERS)
@@ -110,7 +126,9 @@ class StageConfig(Coordinated):
     label_smoothing: float = setting(0.0, "Label smoothing factor of the cross-entropy loss.")
     seed: int = setting(42, "Seed for model initialisation, data order and dropout.")
     fold_seed: int = setting(42, "Seed of the train/validation split or fold plan.")
-    metric: str = setting("f1_macro", "Validation metric that picks the best checkpoint.", choices=METRICS)
+    metric: str = setting("", "Validation metric that picks the best checkpoint; empty: the task's default "
+                          "(classification f1_macro, accuracy or loss; summarization rouge_mean, rouge1, rouge2, "
+                          "rougeL or loss; default first).")
     early_stopping_patience: int = setting(
         0, "Stop after this many evaluations without improvement of `metric`; 0 disables."
     )
@@ -126,10 +144,36 @@ class StageConfig(Coordinated):
         "", "Optuna parent run id (or 'latest' in the experiment) whose best parameters replace these settings.",
         result=False,  # the parameters it brings are in the fingerprint
     )
+    # ---- summarization (seq2seq): pipelines/tasks/summarization.py
+    target_column: str = setting("summary", "Column holding the reference summary.", task="summarization")
+    group_column: str = setting("", "Rows sharing a value here (a dialogue, a topic) are never split between "
+                                "training and validation (GroupKFold); empty: plain shuffled folds.",
+                                task="summarization")
+    special_tokens: str = setting("", "Comma-separated tokens added to the tokenizer as whole tokens (e.g. "
+                                  "#Person1#,#Person2#), embeddings resized.", task="summarization")
+    max_source_length: int = setting(512, "Source tokens after truncation.", task="summarization")
+    max_target_length: int = setting(128, "Reference-summary tokens after truncation (training labels).",
+                                     task="summarization")
+    max_new_tokens: int = setting(64, "Generation: most tokens generated per summary.", task="summarization")
+    min_new_tokens: int = setting(0, "Generation: fewest tokens generated per summary.", task="summarization")
+    num_beams: int = setting(4, "Generation: beam-search width (1: greedy).", task="summarization")
+    repetition_penalty: float = setting(1.0, "Generation: penalty on repeated tokens (1.0: none).",
+                                        task="summarization")
+    length_penalty: float = setting(1.0, "Generation: beam score length exponent (>1 favours longer summaries).",
+                                    task="summarization")
+    no_repeat_ngram_size: int = setting(0, "Generation: n-grams of this size never repeat (0: off).",
+                                        task="summarization")
+    generation_batch_size: int = setting(16, "Batch size of generation on validation rows.", result=False,
+                                         task="summarization")
+    rouge_tokenizer: str = setting(
+        "whitespace", "How ROUGE splits text: whitespace (eojeols/words, lowercased), char, morpheme (Korean "
+        "morphemes by kiwipiepy: pip install 'pipelines[korean]') or default (rouge_score's: English only, it drops "
+        "Hangul).", choices=ROUGE_TOKENIZERS, task="summarization")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in self.POSITIVE:
+        self._check_task_settings()
+        for name in self.POSITIVE + (self.SEQ2SEQ_POSITIVE if self.task == "summarization" else ()):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
         for name in ["max_samples", "early_stopping_patience", "save_steps", "weight_decay", "epochs"]:
@@ -138,6 +182,34 @@ class StageConfig(Coordinated):
         for name in ["warmup_ratio", "label_smoothing"]:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.task == "classification" and (self.max_length <= 0 or self.eval_batch_size <= 0):
+            raise ConfigError("max_length and eval_batch_size must be positive")
+        if self.task == "summarization" and (self.min_new_tokens < 0 or self.no_repeat_ngram_size < 0):
+            raise ConfigError("min_new_tokens and no_repeat_ngram_size must be zero or positive")
+        if self.task == "summarization" and self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+
+    def _check_task_settings(self) -> None:
+        """Refuse a setting of another task (it would be silently ignored) and resolve the default ``metric``."""
+        for f in dataclasses.fields(self):
+            if not self.applies(f) and getattr(self, f.name) != f.default:
+                raise ConfigError(f"{f.name} is a {f.metadata['task']} setting and does nothing with "
+                                  f"task={self.task}; remove it, or pass task={f.metadata['task']}")
+        metrics = task_metrics(self.task)
+        if not self.metric:
+            self.metric = next(iter(metrics))
+        if self.metric not in metrics:
+            raise ConfigError(f"metric={self.metric!r} is not a {self.task} metric; pass one of {', '.join(metrics)}")
+
+    def greater_is_better(self) -> bool:
+        return task_metrics(self.task)[self.metric]
+
+
+def task_metrics(task: str) -> dict[str, bool]:
+    """The validation metrics a task computes, default first, each with whether greater is better."""
+    if task == "summarization":
+        return {"rouge_mean": True, "rouge1": True, "rouge2": True, "rougeL": True, "loss": False}
+    return {"f1_macro": True, "accuracy": True, "loss": False}
 
 
 @dataclass
@@ -257,7 +329,8 @@ def _load_yaml(path: Path, fields: dict[str, dataclasses.Field]) -> dict[str, An
 
 
 TUNABLE = ("learning_rate", "weight_decay", "batch_size", "gradient_accumulation_steps", "warmup_ratio", "epochs",
-           "max_length", "scheduler_type", "max_grad_norm", "label_smoothing", "early_stopping_patience")
+           "max_length", "scheduler_type", "max_grad_norm", "label_smoothing", "early_stopping_patience",
+           "max_source_length", "max_target_length", *GENERATION)
 DEFAULT_SEARCH_SPACE = (
     "{learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}, "
     "weight_decay: {type: float, low: 0.0, high: 0.1}, "
@@ -278,9 +351,11 @@ class OptunaConfig(KFoldConfig, TrainConfig):
                                result=False)
     search_space: str = setting(DEFAULT_SEARCH_SPACE, "YAML file, or inline YAML, mapping settings to distributions.",
                                 result=False)  # its parsed content is in the fingerprint
-    objective: str = setting("holdout", "holdout: validation split; cv: mean over k_folds folds.",
-                             choices=("holdout", "cv"))
-    direction: str = setting("auto", "maximize, minimize, or auto (minimize for metric=loss).",
+    objective: str = setting("holdout", "holdout: validation split; cv: mean over k_folds folds; generate "
+                             "(summarization): no training, each trial generates with its generation settings from "
+                             "the fixed, fine-tuned `model` on the validation split and scores it.",
+                             choices=("holdout", "cv", "generate"))
+    direction: str = setting("auto", "maximize, minimize, or auto (the metric's own direction).",
                              choices=("auto", "maximize", "minimize"))
     sampler: str = setting("tpe", "Optuna sampler.", choices=("tpe", "random", "grid"))
     pruner: str = setting("median", "Optuna pruner (per epoch for holdout, per fold for cv).",
@@ -292,14 +367,22 @@ class OptunaConfig(KFoldConfig, TrainConfig):
         super().__post_init__()
         if self.n_trials < 0 or self.timeout < 0 or self.max_retries < 0:
             raise ConfigError("n_trials, timeout and max_retries must be zero or positive")
+        if self.objective == "generate" and self.task != "summarization":
+            raise ConfigError("objective=generate searches generation settings: it needs task=summarization")
+        if self.objective == "generate" and self.metric == "loss":
+            raise ConfigError("objective=generate scores generated text: pass a ROUGE metric, not metric=loss")
 
     def tunable(self) -> tuple[str, ...]:
-        return TUNABLE
+        """The settings a search space may name: generation settings alone for objective=generate."""
+        if self.objective == "generate":
+            return GENERATION
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        return tuple(name for name in TUNABLE if self.applies(fields[name]))
 
     def optimization_direction(self) -> str:
         if self.direction != "auto":
             return self.direction
-        return "minimize" if self.metric == "loss" else "maximize"
+        return "maximize" if self.greater_is_better() else "minimize"
 
 
 @dataclass
@@ -346,8 +429,15 @@ class PredictConfig(Coordinated):
     data: str = setting(DEFAULT_DATA, "CSV, JSONL or Parquet file with the texts.", result=False)
     text_column: str = setting("text", "Column holding the input text.")
     shard_size: int = setting(1000, "Rows per shard; finished shards are not recomputed on resume.")
-    eval_batch_size: int = setting(64, "Batch size of the model.", result=False)
-    max_length: int = setting(128, "Tokens per text for a plain model folder (a pyfunc ensemble has its own).")
+    eval_batch_size: int = setting(64, "Batch size of the model (of generation, for a summarizer).", result=False)
+    max_length: int = setting(0, "Tokens per text; 0: the length the model was trained with (a pyfunc ensemble "
+                              "has its own).")
+    max_new_tokens: int = setting(0, "Summarizer: most tokens generated; 0: the model's own generation setting.")
+    min_new_tokens: int = setting(0, "Summarizer: fewest tokens generated; 0: the model's own.")
+    num_beams: int = setting(0, "Summarizer: beam-search width; 0: the model's own.")
+    repetition_penalty: float = setting(0.0, "Summarizer: repeated-token penalty; 0: the model's own.")
+    length_penalty: float = setting(0.0, "Summarizer: beam length exponent; 0: the model's own.")
+    no_repeat_ngram_size: int = setting(0, "Summarizer: n-grams of this size never repeat; 0: the model's own.")
     output: str = setting("", "Also write the predictions to this CSV path.", result=False)
     experiment_name: str = setting("", "MLflow experiment; empty uses MLFLOW_EXPERIMENT_NAME / _ID or 'Default'.",
                                    result=False)

@@ -31,8 +31,9 @@ class ModelSource:
     digest: str  # content hash of a local folder, or the hub id
 
 
-def resolve_model(name: str, cache_dir: Path) -> ModelSource:
-    """Find the model and check its config and tokenizer load, before any run is created."""
+def resolve_model(name: str, cache_dir: Path, task=None) -> ModelSource:
+    """Find the model and check its config and tokenizer load (and that it can do ``task``), before any run
+    is created."""
     path = _locate(name, cache_dir)
     try:
         AutoConfig.from_pretrained(path)
@@ -43,6 +44,8 @@ def resolve_model(name: str, cache_dir: Path) -> ModelSource:
             "config.json and tokenizer files>, a reachable Hugging Face hub id, runs:/<run_id>/<path> or "
             "models:/<name>@<alias>."
         ) from None
+    if task is not None:
+        task.check_model(path)
     digest = folder_digest(Path(path)) if Path(path).is_dir() else path
     return ModelSource(name=name, path=path, digest=digest)
 

@@ -1,4 +1,4 @@
-"""One fine-tuning run of a sequence classifier on the transformers Trainer, tracked and resumable.
+"""One fine-tuning run on the transformers Trainer (the task supplies model, data and metrics), tracked and resumable.
 
 MLflow metrics, checkpoint upload and the kill-test failpoint are Trainer callbacks; early
 stopping is the built-in ``EarlyStoppingCallback``.
@@ -11,27 +11,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, f1_score
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    EarlyStoppingCallback,
-    Trainer,
-    TrainerCallback,
-    TrainerState,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
 from pipelines import faults
 from pipelines.checkpoints import CheckpointStore
 from pipelines.config import StageConfig
+from pipelines.data import Dataset
 from pipelines.models import ModelSource
+from pipelines.tasks import Task
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -39,22 +29,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
-    metrics: dict[str, float]  # accuracy, f1_macro, loss on the validation rows; epochs trained, best epoch
-    predictions: pd.DataFrame | None  # row_id, label, predicted, prob_<class>... (None without validation rows)
-
-
-class TextDataset(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, texts: list[str], label_ids: list[int], max_length: int):
-        self.encodings = tokenizer(texts, truncation=True, max_length=max_length)
-        self.label_ids = label_ids
-
-    def __len__(self) -> int:
-        return len(self.label_ids)
-
-    def __getitem__(self, i: int) -> dict:
-        item = {key: values[i] for key, values in self.encodings.items()}
-        item["labels"] = self.label_ids[i]
-        return item
+    metrics: dict[str, float]  # the task's validation metrics and loss; epochs trained, best epoch
+    predictions: pd.DataFrame | None  # the task's predictions frame, row_id first (None without validation rows)
 
 
 class MlflowMetrics(TrainerCallback):
@@ -79,6 +55,9 @@ class MlflowMetrics(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         faults.failpoint("train_step")
 
+    def on_prediction_step(self, args, state, control, **kwargs):
+        faults.failpoint("predict_step")  # each batch of evaluation or of the final validation predictions
+
 
 class UploadCheckpoints(TrainerCallback):
     """Each Trainer save -> a verified copy in the artifact store (latest and best kept)."""
@@ -91,22 +70,11 @@ class UploadCheckpoints(TrainerCallback):
         self.store.commit(local, state.epoch, state.best_model_checkpoint)
 
 
-def _compute_metrics(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred
-    predicted = np.argmax(logits, axis=-1)
-    return {"accuracy": accuracy_score(labels, predicted), "f1_macro": f1_score(labels, predicted, average="macro")}
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
 def fit(
     cfg: StageConfig,
+    task: Task,
     model: ModelSource,
-    labels: list[str],
+    data: Dataset,
     train: pd.DataFrame,
     valid: pd.DataFrame | None,
     tracker: Tracker,
@@ -123,83 +91,57 @@ def fit(
     output_dir = work_dir / "trainer"
     checkpoint = store.restore(output_dir)
     set_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model.path)
-    network = AutoModelForSequenceClassification.from_pretrained(
-        model.path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        ignore_mismatched_sizes=True,
-    )
-    strategy = "steps" if cfg.save_steps else "epoch"
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
-        lr_scheduler_type=cfg.scheduler_type,
-        max_grad_norm=cfg.max_grad_norm,
-        label_smoothing_factor=cfg.label_smoothing,
-        seed=cfg.seed,
-        eval_strategy=strategy if valid is not None else "no",
-        save_strategy=strategy,
-        eval_steps=cfg.save_steps or None,
-        save_steps=cfg.save_steps or None,
-        save_total_limit=2,
-        logging_steps=cfg.logging_steps,
-        load_best_model_at_end=cfg.early_stopping_patience > 0 and valid is not None,
-        metric_for_best_model=f"eval_{cfg.metric}" if valid is not None else None,
-        greater_is_better=cfg.metric != "loss",
-        report_to="none",
-        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter survives a resume
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
+    built = task.build(cfg, model.path, data)
     # the caller's callbacks first: a lost lease must stop a worker before it logs or uploads anything
     callbacks = [*(callbacks or []), MlflowMetrics(tracker, run_id), UploadCheckpoints(store)]
     if cfg.early_stopping_patience and valid is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = Trainer(
-        model=network,
-        args=args,
-        train_dataset=TextDataset(tokenizer, train["text"].tolist(), train["label_id"].tolist(), cfg.max_length),
-        eval_dataset=None if valid is None else TextDataset(tokenizer, valid["text"].tolist(),
-                                                            valid["label_id"].tolist(), cfg.max_length),
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=_compute_metrics,
-        callbacks=callbacks,
-    )
+    trainer = task.trainer(cfg, built, _arguments(cfg, output_dir, validate=valid is not None), train, valid,
+                           callbacks)
     if checkpoint and _stopped(checkpoint):
         _finish_stopped(trainer, checkpoint, run_id)
     else:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if save_model:
         model_dir = work_dir / "model"
-        trainer.save_model(str(model_dir))  # weights, config and tokenizer; no optimizer state
+        task.save(trainer, built, model_dir, cfg)
         tracker.upload(run_id, model_dir, "model")
     if valid is None:
         return FitResult(metrics={"epochs_trained": trainer.state.epoch}, predictions=None)
-
-    output = trainer.predict(trainer.eval_dataset)
-    probabilities = _softmax(output.predictions)
-    predicted = probabilities.argmax(axis=-1)
-    predictions = pd.DataFrame({"row_id": valid["row_id"].to_numpy(), "label": valid["label"].to_numpy(),
-                                "predicted": [labels[i] for i in predicted]})
-    for i, name in enumerate(labels):
-        predictions[f"prob_{name}"] = probabilities[:, i]
-    metrics = {
-        "accuracy": accuracy_score(valid["label_id"], predicted),
-        "f1_macro": f1_score(valid["label_id"], predicted, average="macro"),
-        "loss": output.metrics["test_loss"],
-        "epochs_trained": trainer.state.epoch,
-        "best_epoch": _best_epoch(trainer.state.log_history, cfg.metric),
-    }
+    metrics, predictions = task.evaluate(trainer, built, valid, cfg, data)
+    metrics.update(epochs_trained=trainer.state.epoch,
+                   best_epoch=_best_epoch(trainer.state.log_history, cfg.metric, cfg.greater_is_better()))
     return FitResult(metrics=metrics, predictions=predictions)
+
+
+def _arguments(cfg: StageConfig, output_dir: Path, validate: bool) -> dict:
+    """The TrainingArguments fields every task shares."""
+    strategy = "steps" if cfg.save_steps else "epoch"
+    return dict(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type=cfg.scheduler_type,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        eval_strategy=strategy if validate else "no",
+        save_strategy=strategy,
+        eval_steps=cfg.save_steps or None,
+        save_steps=cfg.save_steps or None,
+        save_total_limit=2,
+        logging_steps=cfg.logging_steps,
+        load_best_model_at_end=cfg.early_stopping_patience > 0 and validate,
+        metric_for_best_model=f"eval_{cfg.metric}" if validate else None,
+        greater_is_better=cfg.greater_is_better(),
+        report_to="none",
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience counter survives a resume
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
 
 
 def _stopped(checkpoint: Path) -> bool:
@@ -218,12 +160,12 @@ def _finish_stopped(trainer: Trainer, checkpoint: Path, run_id: str) -> None:
     source = Path(best) if trainer.args.load_best_model_at_end and best else checkpoint
     loaded = type(trainer.model).from_pretrained(str(source))
     trainer.model.load_state_dict(loaded.state_dict())
-    logger.info("training had already stopped early at step %d run=%s: finishing from %s without training",
+    logger.info("training had already stopped at step %d run=%s: finishing from %s without training",
                 trainer.state.global_step, run_id, source.name)
 
 
-def _best_epoch(history: list[dict], metric: str) -> float:
+def _best_epoch(history: list[dict], metric: str, greater_is_better: bool) -> float:
     """Epoch of the best evaluation of ``metric`` (the first one on ties)."""
     evals = [(entry[f"eval_{metric}"], entry["epoch"]) for entry in history if f"eval_{metric}" in entry]
-    sign = -1 if metric == "loss" else 1
+    sign = 1 if greater_is_better else -1
     return max(evals, key=lambda pair: sign * pair[0])[1] if evals else 0.0

@@ -22,25 +22,36 @@ def make_tiny_data(path: Path, per_class: int = 40) -> Path:
     return path
 
 
-def make_tiny_model(folder: Path) -> Path:
-    """A 2-layer, 32-wide BERT with a WordPiece vocabulary trained on the demo data."""
-    import torch
+def make_wordpiece_tokenizer(texts: list[str]):
+    """A lowercasing BERT-style WordPiece tokenizer (600 pieces) trained on ``texts``, the same in every session."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(pd.read_csv(DEMO_DATA)["text"].tolist(),
-                                  trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials))
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=600, special_tokens=specials))
+    # the trainer numbers some pieces in hash order, which changes between processes: renumber them (specials
+    # first, the rest sorted) so that the same ids, and the same model, come out in every session
+    learned = sorted(set(tokenizer.get_vocab()) - set(specials))
+    tokenizer.model = models.WordPiece({token: i for i, token in enumerate(specials + learned)}, unk_token="[UNK]")
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(folder)
-    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def make_tiny_model(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece vocabulary trained on the demo data."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = make_wordpiece_tokenizer(pd.read_csv(DEMO_DATA)["text"].tolist())
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
     torch.manual_seed(0)  # the same tiny model in every test session
     BertForSequenceClassification(config).save_pretrained(folder)

@@ -72,7 +72,7 @@ def test_early_stopping_state_survives_a_kill_after_a_non_improving_evaluation(t
     resumed = run_entrypoint("train", {**args, "resume": "true"}, store, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     if patience == 1:  # training had decided to stop there: nothing more is trained
-        assert f"training had already stopped early at step {12 * epoch}" in resumed.stderr
+        assert f"training had already stopped at step {12 * epoch}" in resumed.stderr
         assert "training starts at step" not in resumed.stderr
     else:  # it goes on from the checkpoint, the patience counter (1 of 2) restored with it
         assert f"training starts at step {12 * epoch} of 72" in resumed.stderr

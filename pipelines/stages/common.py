@@ -80,7 +80,7 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
     """
     store = CheckpointStore(ctx.tracker, run_id, ctx.fingerprint)
     with tempfile.TemporaryDirectory(prefix="pipelines-unit-") as work:
-        result = fit(ctx.cfg, ctx.model, ctx.data.labels, train, valid, ctx.tracker, run_id, store, Path(work),
+        result = fit(ctx.cfg, ctx.task, ctx.model, ctx.data, train, valid, ctx.tracker, run_id, store, Path(work),
                      callbacks=[*([KeepLease(lease)] if lease else []), *callbacks], save_model=save_model)
     if lease:
         lease.check()
@@ -124,8 +124,7 @@ def restore_unit(ctx: StageContext, run_id: str) -> FitResult:
     CheckpointStore(ctx.tracker, run_id, ctx.fingerprint).clear()  # in case the process died before it did
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            predictions = pd.read_csv(ctx.tracker.download(run_id, PREDICTIONS_ARTIFACT, tmp),
-                                      dtype={"label": str, "predicted": str})
+            predictions = ctx.task.read_predictions(ctx.tracker.download(run_id, PREDICTIONS_ARTIFACT, tmp))
         except Exception:  # noqa: BLE001 - a unit without validation rows has no predictions
             predictions = None
     metrics = ctx.tracker.metrics(run_id)

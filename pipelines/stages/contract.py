@@ -26,6 +26,7 @@ import numpy as np
 
 from pipelines.config import (
     TUNABLE,
+    ConfigError,
     Coordinated,
     NotFound,
     Settings,
@@ -38,6 +39,7 @@ from pipelines.data import Dataset
 from pipelines.leases import Lease, LeaseStore, owner_alive
 from pipelines.models import ModelSource
 from pipelines.study import redact
+from pipelines.tasks import Task, get_task
 from pipelines.tracking import UNFINISHED, WORKER_TAG, Tracker, state_storage
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,10 @@ class StageContext:
     parent_id: str = ""
     resumed_status: str = ""  # status of the parent run before this invocation re-attached to it
     worker: Lease | None = field(default=None, repr=False)
+
+    @property
+    def task(self) -> Task:
+        return get_task(self.cfg.task)
 
     @property
     def resumed(self) -> bool:
@@ -290,8 +296,12 @@ def _with_best_params(cfg, tracker: Tracker):
         raise NotFound(f"params_from={cfg.params_from}: run {source} is a {stage or 'non-stage'} run; pass an "
                        "optuna or kfold run id (or latest)")
     used = recorded_settings(tracker, source)
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    settings = {name: convert_value(name, used[name], defaults[name]) for name in TUNABLE if name != "epochs"}
+    if used.get("task", "classification") != cfg.task:
+        raise ConfigError(f"params_from={cfg.params_from}: run {source} trained task={used.get('task')}, this stage "
+                          f"task={cfg.task}; pass a {cfg.task} run, or task={used.get('task')}")
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    settings = {name: convert_value(name, used[name], fields[name].default) for name in TUNABLE
+                if name != "epochs" and cfg.applies(fields[name]) and name in used}
     if stage == "optuna":
         with tempfile.TemporaryDirectory() as tmp:
             settings.update(json.loads(tracker.download(source, BEST_PARAMS_ARTIFACT, tmp).read_text()))

@@ -107,6 +107,10 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
     if run.info.status != "FINISHED" or stage not in ("kfold", "train"):
         raise EnsembleError(f"source run {run_id} is a {stage or 'non-stage'} run with status {run.info.status}; "
                             "pass FINISHED kfold or train runs")
+    settings = recorded_settings(tracker, run_id)
+    if settings.get("task", "classification") != "classification":
+        raise EnsembleError(f"source run {run_id} trained task={settings['task']}: ensemble soft-votes classifiers "
+                            "only so far; pass kfold or train runs of task=classification")
     if stage == "kfold":
         folds = sorted(tracker.child_runs(run_id, "fold").items(), key=lambda kv: int(kv[0]))
         members = [r.info.run_id for _, r in folds if r.info.status == "FINISHED"]
@@ -118,7 +122,7 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
     except Exception as exc:  # noqa: BLE001 - missing or unreadable artifact
         raise EnsembleError(f"source run {run_id} has no readable {oof_path} ({exc})") from None
     # the value used is the value recorded: params may hold what `mlflow run -P` was given, not what was used
-    max_length = int(recorded_settings(tracker, run_id)["max_length"])
+    max_length = int(settings["max_length"])
     return Source(run_id, stage, members, oof.drop(columns=["fold", "predicted"], errors="ignore"), score,
                   tags.get("fingerprint", ""), tags.get("data_digest", ""), max_length)
 

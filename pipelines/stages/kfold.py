@@ -1,4 +1,4 @@
-"""`kfold`: stratified K-fold cross-validation; each fold is a child run and a resumable unit."""
+"""`kfold`: K-fold cross-validation; each fold is a child run and a resumable unit."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import KFoldConfig
-from pipelines.data import fold_plan, load_dataset
 from pipelines.leases import LeaseLost
 from pipelines.models import resolve_model
 from pipelines.stages.common import fit_unit, log_once, restore_unit, share_units, unit_done, upload_frame
 from pipelines.stages.contract import StageContext, open_stage
+from pipelines.tasks import get_task
 from pipelines.tracking import Tracker
 from pipelines.training import FitResult
 
@@ -24,15 +24,16 @@ OOF_ARTIFACT = "oof_predictions.csv"
 
 
 def run(cfg: KFoldConfig) -> dict[str, float]:
-    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column, cfg.max_samples, cfg.fold_seed)
-    folds = fold_plan(data, cfg.k_folds, cfg.fold_seed)
+    task = get_task(cfg.task)
+    data = task.load(cfg)
+    folds = task.folds(data, cfg)
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_model(cfg.model, Path(cache))
+        model = resolve_model(cfg.model, Path(cache), task)
         ctx = open_stage("kfold", cfg, data, model, tracker)
         results, _ = cross_validate(ctx, folds)
         oof = pd.concat([r.predictions.assign(fold=i) for i, r in enumerate(results)]).sort_values("row_id")
-        oof = oof[["row_id", "fold", "label", "predicted", *[c for c in oof if c.startswith("prob_")]]]
-        summary = _summary([r.metrics for r in results])
+        oof = oof[["row_id", "fold", *[c for c in oof if c not in ("row_id", "fold")]]]
+        summary = _summary([r.metrics for r in results], task.summary_metrics)
         with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together finish it once
             upload_frame(tracker, ctx.parent_id, OOF_ARTIFACT, oof)
             log_once(tracker, ctx.parent_id, summary)
@@ -97,9 +98,9 @@ def _train_fold(ctx: StageContext, fold: int, run_id: str, folds: list[np.ndarra
     return fit_unit(ctx, run_id, frame[~is_valid], frame[is_valid], lease, save_model=save_model)
 
 
-def _summary(fold_metrics: list[dict[str, float]]) -> dict[str, float]:
+def _summary(fold_metrics: list[dict[str, float]], names: tuple[str, ...]) -> dict[str, float]:
     summary = {}
-    for name in ("accuracy", "f1_macro", "loss"):
+    for name in names:
         values = np.array([m[name] for m in fold_metrics])
         summary.update({f"fold{i}_{name}": v for i, v in enumerate(values)})
         summary[f"cv_{name}_mean"] = float(values.mean())

@@ -1,32 +1,39 @@
 """`predict`: batch predictions of any model for a data file; each shard of rows is a resumable unit.
 
 A shard's predictions are logged as ``shards/shard-<i>.csv`` as soon as it is done; a resumed run
-skips the shards already there. The parent run gets ``predictions.csv`` (``row_id``, ``label``,
-``prob_<class>``...) and the predicted class distribution (``count_<label>``, ``pct_<label>``).
+skips the shards already there. The parent run gets ``predictions.csv``: for a classifier (or a pyfunc
+ensemble) ``row_id``, ``label``, ``prob_<class>``... and the predicted class distribution (``count_<label>``,
+``pct_<label>``); for a summarizer ``row_id``, ``generated`` and the mean summary length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
+from transformers import AutoConfig
 
 from pipelines import faults
-from pipelines.config import PredictConfig
+from pipelines.config import GENERATION, PredictConfig
 from pipelines.data import DataError, Dataset, content_digest, read_table
 from pipelines.inference import load_member, predict_proba
 from pipelines.models import ModelError, ModelSource, folder_digest
 from pipelines.serving import prediction_frame, validate_texts
 from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once, share_units, upload_frame
 from pipelines.stages.contract import open_stage
+from pipelines.tasks.summarization import generate, generation_config, is_seq2seq, load_summarizer
 from pipelines.tracking import Tracker, download_model, load_pyfunc, registered_version
 
 logger = logging.getLogger(__name__)
 SHARDS = "shards"
+TEXT_OUTPUTS = ("label", "generated")  # prediction columns read back as text
 
 
 def run(cfg: PredictConfig) -> dict[str, float]:
@@ -37,24 +44,23 @@ def run(cfg: PredictConfig) -> dict[str, float]:
     texts = pd.DataFrame({"row_id": np.arange(len(frame)), "text": frame[cfg.text_column].fillna("").astype(str)})
     data = Dataset(frame=texts, labels=[], digest=content_digest(texts, ["row_id", "text"]))
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-pred-") as tmp:
-        source, predict = _load(cfg, Path(tmp))
-        ctx = open_stage("predict", cfg, data, source, tracker)
+        model = _load(cfg, Path(tmp))
+        ctx = open_stage("predict", model.cfg, data, model.source, tracker)
         shards = Shards(ctx, texts, cfg.shard_size, Path(tmp) / "check")
         if ctx.resumed:
             logger.info("resuming predict run %s: %d/%d shards done", ctx.parent_id, len(shards.done), len(shards))
-        share_units(ctx, len(shards), lambda i: shards.attempt(i, predict), "shards")
+        share_units(ctx, len(shards), lambda i: shards.attempt(i, model.predict), "shards")
         with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together finish it once
             local = tracker.download(ctx.parent_id, SHARDS, Path(tmp) / "shards")
-            predictions = pd.concat([pd.read_csv(path, dtype={"label": str}) for path in sorted(local.glob("*.csv"))])
+            predictions = pd.concat([pd.read_csv(path, dtype=dict.fromkeys(TEXT_OUTPUTS, str), keep_default_na=False)
+                                     for path in sorted(local.glob("*.csv"))])
             upload_frame(tracker, ctx.parent_id, PREDICTIONS_ARTIFACT, predictions)
             if cfg.output:
                 predictions.to_csv(cfg.output, index=False)
-            counts = predictions["label"].value_counts()
-            summary = {**{f"count_{k}": int(v) for k, v in counts.items()},
-                       **{f"pct_{k}": 100.0 * v / len(predictions) for k, v in counts.items()}}
+            summary = model.summarize(predictions)
             log_once(tracker, ctx.parent_id, summary)
             tracker.finish(ctx.parent_id)
-    logger.info("predict run %s: %d rows, class distribution %s", ctx.parent_id, len(predictions), counts.to_dict())
+    logger.info("predict run %s: %d rows, %s", ctx.parent_id, len(predictions), summary)
     return summary
 
 
@@ -110,8 +116,18 @@ class Shards:
         return False
 
 
-def _load(cfg: PredictConfig, tmp: Path):
-    """The model's identity for the fingerprint, and a DataFrame(text) -> DataFrame(label, prob_*) function."""
+@dataclass
+class Model:
+    """What predict needs of a model: its identity, the settings it resolves, and its two functions."""
+
+    source: ModelSource
+    cfg: PredictConfig  # with the model's own values for the settings left at 0
+    predict: Callable[[pd.DataFrame], pd.DataFrame]  # DataFrame(text) -> its predictions, one row per text
+    summarize: Callable[[pd.DataFrame], dict[str, float]]  # all predictions -> summary metrics
+
+
+def _load(cfg: PredictConfig, tmp: Path) -> Model:
+    """The model named by ``model_uri``: a pyfunc (e.g. a registered ensemble), a summarizer or a classifier."""
     uri = cfg.model_uri
     if uri.startswith(("models:/", "runs:/")):
         try:
@@ -124,14 +140,59 @@ def _load(cfg: PredictConfig, tmp: Path):
         if not local.is_dir():
             raise ModelError(f"model_uri {uri} is neither models:/..., runs:/... nor an existing folder")
         identity = folder_digest(local, recursive=True)
-    if (local / "MLmodel").is_file():  # a pyfunc model, e.g. a registered ensemble
-        model = load_pyfunc(str(local))
-        return ModelSource(uri, str(local), identity), model.predict
-    config = (local / "config.json").read_text() if (local / "config.json").is_file() else "{}"
-    labels = [label for _, label in sorted(json.loads(config).get("id2label", {}).items(), key=lambda kv: int(kv[0]))]
-    member = load_member(local, 1.0, labels, cfg.max_length)
+    source = ModelSource(uri, str(local), identity)
+    if (local / "MLmodel").is_file():
+        return Model(source, cfg, load_pyfunc(str(local)).predict, _class_counts)
+    if not (local / "config.json").is_file():
+        raise ModelError(f"model_uri {uri}: {local} has neither MLmodel nor config.json; pass a model logged by a "
+                         "stage (runs:/<run id>/model) or a transformers model folder")
+    if is_seq2seq(AutoConfig.from_pretrained(local)):
+        return _summarizer(cfg, source)
+    return _classifier(cfg, source)
+
+
+def _classifier(cfg: PredictConfig, source: ModelSource) -> Model:
+    config = json.loads(Path(source.path, "config.json").read_text())
+    labels = [label for _, label in sorted(config.get("id2label", {}).items(), key=lambda kv: int(kv[0]))]
+    cfg = dataclasses.replace(cfg, max_length=cfg.max_length or _trained_length(source.path, config))
+    member = load_member(source.path, 1.0, labels, cfg.max_length)
 
     def predict(frame: pd.DataFrame) -> pd.DataFrame:
         return prediction_frame(predict_proba([member], validate_texts(frame), cfg.eval_batch_size), labels)
 
-    return ModelSource(uri, str(local), identity), predict
+    return Model(source, cfg, predict, _class_counts)
+
+
+def _summarizer(cfg: PredictConfig, source: ModelSource) -> Model:
+    network, tokenizer = load_summarizer(source.path)
+    own = network.generation_config
+    resolved = {name: getattr(cfg, name) or getattr(own, name) for name in GENERATION}
+    config = json.loads(Path(source.path, "config.json").read_text())
+    cfg = dataclasses.replace(cfg, **resolved, max_length=cfg.max_length or _trained_length(source.path, config))
+    generation = generation_config(network, cfg)
+    logger.info("summarizer %s: generation %s, source truncated to %d tokens", source.name, resolved, cfg.max_length)
+
+    def predict(frame: pd.DataFrame) -> pd.DataFrame:
+        texts = validate_texts(frame)
+        return pd.DataFrame({"generated": generate(network, tokenizer, texts, generation, cfg.eval_batch_size,
+                                                   cfg.max_length)})
+
+    def summarize(predictions: pd.DataFrame) -> dict[str, float]:
+        return {"rows": len(predictions), "generated_chars_mean": float(predictions["generated"].str.len().mean())}
+
+    return Model(source, cfg, predict, summarize)
+
+
+def _trained_length(path: str, config: dict) -> int:
+    """The truncation length a stage trained the model with (its tokenizer's ``model_max_length``), capped by the
+    model's position embeddings (hub tokenizers often carry a huge placeholder)."""
+    tokenizer = json.loads(Path(path, "tokenizer_config.json").read_text()) \
+        if Path(path, "tokenizer_config.json").is_file() else {}
+    limit = config.get("max_position_embeddings") or 512
+    return int(min(tokenizer.get("model_max_length") or limit, limit))
+
+
+def _class_counts(predictions: pd.DataFrame) -> dict[str, float]:
+    counts = predictions["label"].value_counts()
+    return {**{f"count_{k}": int(v) for k, v in counts.items()},
+            **{f"pct_{k}": 100.0 * v / len(predictions) for k, v in counts.items()}}

@@ -7,10 +7,10 @@ import tempfile
 from pathlib import Path
 
 from pipelines.config import ConfigError, RetrainConfig
-from pipelines.data import load_dataset
 from pipelines.models import resolve_model
 from pipelines.stages.common import run_as_unit
 from pipelines.stages.contract import open_stage
+from pipelines.tasks import get_task
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -19,9 +19,10 @@ logger = logging.getLogger(__name__)
 def run(cfg: RetrainConfig) -> dict[str, float]:
     if not cfg.params_from and not cfg.epochs:
         raise ConfigError("retrain needs params_from=<optuna or kfold run id|latest> or an explicit epochs=N")
-    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column, cfg.max_samples, cfg.fold_seed)
+    task = get_task(cfg.task)
+    data = task.load(cfg)
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_model(cfg.model, Path(cache))
+        model = resolve_model(cfg.model, Path(cache), task)
         ctx = open_stage("retrain", cfg, data, model, tracker)
         logger.info("retrain on all %d rows for %d epochs with %s", len(data), ctx.cfg.epochs,
                     {k: getattr(ctx.cfg, k) for k in ("learning_rate", "batch_size", "weight_decay")})

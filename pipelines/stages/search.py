@@ -25,12 +25,14 @@ from optuna.trial import TrialState
 from transformers import TrainerCallback
 
 from pipelines.config import OptunaConfig, fingerprint
-from pipelines.data import fold_plan, holdout_split, load_dataset
 from pipelines.faults import raise_if
 from pipelines.models import resolve_model
-from pipelines.stages.common import fit_unit, log_once, upload_frame
+from pipelines.rouge import score_rows
+from pipelines.stages.common import PREDICTIONS_ARTIFACT, fit_unit, log_once, upload_frame
 from pipelines.stages.contract import BEST_PARAMS_ARTIFACT, StageContext, open_stage, upload_json
 from pipelines.stages.kfold import cross_validate
+from pipelines.tasks import get_task
+from pipelines.tasks.summarization import generate, generation_config, load_summarizer
 from pipelines.study import (
     ERROR_ATTR,
     FINISHED,
@@ -78,11 +80,12 @@ def run(cfg: OptunaConfig) -> dict:
     tunable = {name: getattr(cfg, name) for name in cfg.tunable()}
     space = load_search_space(cfg.search_space, tunable)
     grid = grid_of(space) if cfg.sampler == "grid" else None
-    data = load_dataset(cfg.data, cfg.text_column, cfg.label_column, cfg.max_samples, cfg.fold_seed)
-    folds = fold_plan(data, cfg.k_folds, cfg.fold_seed) if cfg.objective == "cv" else None
-    valid = holdout_split(data, cfg.validation_fraction, cfg.fold_seed) if cfg.objective == "holdout" else None
+    task = get_task(cfg.task)
+    data = task.load(cfg)
+    folds = task.folds(data, cfg) if cfg.objective == "cv" else None
+    valid = task.holdout(data, cfg) if cfg.objective != "cv" else None
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_model(cfg.model, Path(cache))
+        model = resolve_model(cfg.model, Path(cache), task)
         settings = StudySettings(
             storage=state_storage(cfg.optuna_storage), study_name=cfg.study_name,
             direction=cfg.optimization_direction(), sampler=cfg.sampler, pruner=cfg.pruner, seed=cfg.seed,
@@ -128,6 +131,7 @@ class _Objective:
 
     def __init__(self, ctx: StageContext, space: dict, folds, valid, n_trials: int):
         self.ctx, self.space, self.folds, self.valid, self.n_trials = ctx, space, folds, valid, n_trials
+        self._summarizer = None  # objective=generate: the fixed model, loaded once
 
     def __call__(self, trial: optuna.Trial) -> float:
         ctx, tracker = self.ctx, self.ctx.tracker
@@ -178,6 +182,8 @@ class _Objective:
 
     def _evaluate(self, trial: optuna.Trial, unit: StageContext, run_id: str) -> tuple[float, bool]:
         metric = unit.cfg.metric
+        if unit.cfg.objective == "generate":
+            return self._generate(unit, run_id)[metric], False
         if self.folds is None:
             frame = unit.data.frame
             is_valid = np.zeros(len(frame), dtype=bool)
@@ -194,6 +200,24 @@ class _Objective:
 
         results, stopped = cross_validate(unit, self.folds, after_fold=after_fold, save_model=False)
         return float(np.mean([r.metrics[metric] for r in results])), stopped
+
+
+    def _generate(self, unit: StageContext, run_id: str) -> dict[str, float]:
+        """objective=generate: the fixed model's summaries of the validation rows with this trial's generation
+        settings, scored (a unit without training: nothing to checkpoint)."""
+        if self._summarizer is None:
+            self._summarizer = load_summarizer(unit.model.path)
+        network, tokenizer = self._summarizer
+        valid = unit.data.frame.iloc[self.valid]
+        generated = generate(network, tokenizer, valid["text"].tolist(), generation_config(network, unit.cfg),
+                             unit.cfg.generation_batch_size, unit.cfg.max_source_length)
+        scores = score_rows(valid["target"].tolist(), generated, unit.cfg.rouge_tokenizer)
+        predictions = pd.concat([pd.DataFrame({"row_id": valid["row_id"].to_numpy(), "generated": generated}),
+                                 scores], axis=1)
+        upload_frame(unit.tracker, run_id, PREDICTIONS_ARTIFACT, predictions)
+        metrics = scores.mean().to_dict()
+        log_once(unit.tracker, run_id, {f"final_{k}": v for k, v in metrics.items()})
+        return metrics
 
 
 def _record_failure(tracker: Tracker, run_id: str, optuna_number: int, exc: Exception) -> None:

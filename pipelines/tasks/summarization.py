@@ -1,0 +1,246 @@
+"""`task=summarization`: seq2seq generation of a summary per source text, scored with ROUGE (right for Korean).
+
+Models: any ``AutoModelForSeq2SeqLM`` checkpoint (BART/KoBART, T5/mT5, Marian, Pegasus), or an encoder-only
+checkpoint whose architecture can also be a decoder (BERT, RoBERTa, XLM-R, ELECTRA...) warm-started as an
+``EncoderDecoderModel`` (Rothe et al., 2020: "Leveraging Pre-trained Checkpoints for Sequence Generation Tasks").
+Training runs on ``Seq2SeqTrainer``; every evaluation generates with the run's one ``GenerationConfig``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import unicodedata
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, ShuffleSplit
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    EncoderDecoderModel,
+    GenerationConfig,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from pipelines.config import GENERATION, StageConfig
+from pipelines.data import Dataset, DataError, content_digest
+from pipelines.models import ModelError
+from pipelines.rouge import SCORE_COLUMNS, check_tokenizer, score_rows
+from pipelines.tasks.base import Built, Task, read_columns
+
+logger = logging.getLogger(__name__)
+
+
+class _LengthNotice(logging.Filter):
+    """Our GenerationConfig sets max_new_tokens and min_new_tokens, which take precedence; transformers fills in its
+    own max_length/min_length defaults and then warns, on every batch, that both are set. Drop that one notice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "seem to have been set" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_LengthNotice())
+
+
+def is_seq2seq(config) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False)) or config.model_type == "encoder-decoder"
+
+
+class Seq2SeqDataset(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, sources: list[str], targets: list[str], cfg: StageConfig):
+        self.encodings = tokenizer(sources, truncation=True, max_length=cfg.max_source_length)
+        self.labels = tokenizer(text_target=targets, truncation=True, max_length=cfg.max_target_length)["input_ids"]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**{key: values[i] for key, values in self.encodings.items()}, "labels": self.labels[i]}
+
+
+class Summarization(Task):
+    name = "summarization"
+    summary_metrics = (*SCORE_COLUMNS, "gen_len", "loss")
+    text_columns = ("source", "reference", "generated")
+
+    def load(self, cfg: StageConfig) -> Dataset:
+        columns = {"text": ("text_column", cfg.text_column), "target": ("target_column", cfg.target_column)}
+        if cfg.group_column:
+            columns["group"] = ("group_column", cfg.group_column)
+        frame = read_columns(cfg.data, columns, "summarization")
+        check_tokenizer(frame["target"].tolist(), cfg.rouge_tokenizer,
+                        f"target_column {cfg.target_column!r} of {cfg.data}")
+        if 0 < cfg.max_samples < len(frame):
+            frame = frame.sample(n=cfg.max_samples, random_state=cfg.fold_seed).sort_values("row_id")
+            frame = frame.reset_index(drop=True)
+        return Dataset(frame=frame, labels=[], digest=content_digest(frame, list(frame.columns)))
+
+    def folds(self, data: Dataset, cfg: StageConfig) -> list[np.ndarray]:
+        frame, k = data.frame, cfg.k_folds
+        if "group" in frame:
+            groups = frame["group"].nunique()
+            if k > groups:
+                raise DataError(f"k_folds={k} is larger than the number of groups ({groups} values of group_column "
+                                f"{cfg.group_column!r}); lower k_folds to at most {groups} or use more data.")
+            splits = GroupKFold(n_splits=k, shuffle=True, random_state=cfg.fold_seed).split(frame, groups=frame["group"])
+        else:
+            if k > len(frame):
+                raise DataError(f"k_folds={k} is larger than the {len(frame)} rows; lower k_folds or add data.")
+            splits = KFold(n_splits=k, shuffle=True, random_state=cfg.fold_seed).split(frame)
+        return [np.sort(valid) for _, valid in splits]
+
+    def holdout(self, data: Dataset, cfg: StageConfig) -> np.ndarray:
+        frame, fraction = data.frame, cfg.validation_fraction
+        if "group" in frame:
+            if frame["group"].nunique() < 2:
+                raise DataError(f"group_column {cfg.group_column!r} has a single value: nothing to hold out")
+            split = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=cfg.fold_seed)
+            _, valid = next(split.split(frame, groups=frame["group"]))
+        else:
+            if len(frame) < 2:
+                raise DataError(f"{cfg.data} has {len(frame)} usable row(s): too few to hold out validation rows")
+            _, valid = next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=cfg.fold_seed).split(frame))
+        return np.sort(valid)
+
+    def check_model(self, path: str) -> None:
+        config = AutoConfig.from_pretrained(path)
+        kind = config.model_type
+        if is_seq2seq(config) or (kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+            return
+        raise ModelError(
+            f"model {path} ({kind}) can neither generate text (not a seq2seq model) nor warm-start a decoder (its "
+            f"architecture has no decoder form). Pass a seq2seq checkpoint (BART/KoBART, T5, mT5, Marian, Pegasus) or "
+            f"an encoder that can be a decoder (BERT, RoBERTa, XLM-R, ELECTRA) for task=summarization.")
+
+    def build(self, cfg: StageConfig, path: str, data: Dataset) -> Built:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.model_max_length = cfg.max_source_length  # saved with the model: predict truncates the same way
+        added = add_special_tokens(tokenizer, cfg.special_tokens)
+        if is_seq2seq(AutoConfig.from_pretrained(path)):
+            network = AutoModelForSeq2SeqLM.from_pretrained(path)
+            if added:
+                network.resize_token_embeddings(len(tokenizer))
+        else:
+            network = warm_start(path, tokenizer)
+        network.generation_config = generation_config(network, cfg)
+        return Built(network, tokenizer)
+
+    def trainer(self, cfg, built, args, train, valid, callbacks) -> Seq2SeqTrainer:
+        def encode(frame: pd.DataFrame) -> Seq2SeqDataset:
+            return Seq2SeqDataset(built.tokenizer, frame["text"].tolist(), frame["target"].tolist(), cfg)
+
+        def compute_metrics(eval_pred) -> dict[str, float]:
+            generated, lengths = decode(built.tokenizer, eval_pred.predictions)
+            scores = score_rows(valid["target"].tolist(), generated, cfg.rouge_tokenizer)
+            return {**scores.mean().to_dict(), "gen_len": float(np.mean(lengths))}
+
+        return Seq2SeqTrainer(
+            model=built.network,
+            args=Seq2SeqTrainingArguments(**args, per_device_eval_batch_size=cfg.generation_batch_size,
+                                          label_smoothing_factor=cfg.label_smoothing, predict_with_generate=True,
+                                          generation_config=built.network.generation_config),
+            train_dataset=encode(train),
+            eval_dataset=None if valid is None else encode(valid),
+            processing_class=built.tokenizer,
+            data_collator=DataCollatorForSeq2Seq(built.tokenizer, model=built.network),
+            compute_metrics=None if valid is None else compute_metrics,
+            callbacks=callbacks,
+        )
+
+    def evaluate(self, trainer, built, valid, cfg, data) -> tuple[dict[str, float], pd.DataFrame]:
+        output = trainer.predict(trainer.eval_dataset)
+        generated, lengths = decode(built.tokenizer, output.predictions)
+        scores = score_rows(valid["target"].tolist(), generated, cfg.rouge_tokenizer)
+        predictions = pd.DataFrame({"row_id": valid["row_id"].to_numpy(), "source": valid["text"].to_numpy(),
+                                    "reference": valid["target"].to_numpy(), "generated": generated})
+        predictions = pd.concat([predictions, scores], axis=1)
+        metrics = {**scores.mean().to_dict(), "gen_len": float(np.mean(lengths)), "loss": output.metrics["test_loss"]}
+        return metrics, predictions
+
+
+def add_special_tokens(tokenizer, special_tokens: str) -> int:
+    """Add ``special_tokens`` (comma-separated) as whole tokens; how many were new."""
+    tokens = [token.strip() for token in special_tokens.split(",") if token.strip()]
+    if not tokens:
+        return 0
+    return tokenizer.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+
+
+def warm_start(path: str, tokenizer) -> EncoderDecoderModel:
+    """An encoder-decoder whose encoder and decoder both start from the encoder-only checkpoint ``path``
+    (the decoder's cross-attention starts random)."""
+    network = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+    if len(tokenizer) > network.config.encoder.vocab_size:  # special_tokens added (the sub-configs follow)
+        network.encoder.resize_token_embeddings(len(tokenizer))
+        network.decoder.resize_token_embeddings(len(tokenizer))
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    end = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    for config in (network.config, network.generation_config):
+        config.decoder_start_token_id, config.bos_token_id = start, start
+        config.eos_token_id, config.pad_token_id = end, tokenizer.pad_token_id
+    logger.info("warm-started an encoder-decoder from %s (%s): encoder and decoder weights from the checkpoint, "
+                "cross-attention new", path, network.config.encoder.model_type)
+    return network
+
+
+def generation_config(network, settings) -> GenerationConfig:
+    """The model's generation config with the run's generation settings (``settings`` has the GENERATION names);
+    ``max_new_tokens``/``min_new_tokens`` rule, so a checkpoint's own ``max_length``/``min_length`` are cleared."""
+    config = copy.deepcopy(network.generation_config)
+    config.update(**{name: getattr(settings, name) for name in GENERATION}, max_length=None, min_length=None,
+                  early_stopping=True if settings.num_beams > 1 else config.early_stopping)
+    return config
+
+
+def _structural_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's own markers (padding, start, end...), dropped from generated text; tokens the user
+    added through ``special_tokens`` (e.g. #Person1#) are text and stay."""
+    markers = {tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.cls_token,
+               tokenizer.sep_token, tokenizer.unk_token, tokenizer.mask_token}
+    return {tokenizer.convert_tokens_to_ids(token) for token in markers if token is not None}
+
+
+def decode(tokenizer, ids: np.ndarray) -> tuple[list[str], list[int]]:
+    """Generated token ids (padded with -100 or the pad id) -> texts and their lengths in tokens."""
+    drop = _structural_ids(tokenizer)
+    texts, lengths = [], []
+    for row in np.asarray(ids):
+        kept = [int(i) for i in row if i >= 0 and int(i) not in drop]
+        text = tokenizer.decode(kept, skip_special_tokens=False)
+        texts.append(unicodedata.normalize("NFC", text).strip())
+        lengths.append(len(kept))
+    return texts, lengths
+
+
+@torch.no_grad()
+def generate(network, tokenizer, texts: list[str], config: GenerationConfig, batch_size: int,
+             max_length: int | None = None) -> list[str]:
+    """Summaries of ``texts``, generated in batches of similar length (longest first), returned in input order."""
+    network.eval()
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    out: list[str] = [""] * len(texts)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        batch = tokenizer([texts[i] for i in chosen], truncation=True, max_length=max_length, padding=True,
+                          return_tensors="pt")
+        ids = network.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               generation_config=config)
+        for i, text in zip(chosen, decode(tokenizer, ids.numpy())[0]):
+            out[i] = text
+    return out
+
+
+
+def load_summarizer(path) -> tuple[torch.nn.Module, object]:
+    """A trained seq2seq model (or warm-started encoder-decoder) and its tokenizer, for generation."""
+    return AutoModelForSeq2SeqLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+TASK = Summarization()
