@@ -53,9 +53,14 @@ def is_seq2seq(config) -> bool:
 
 
 class Seq2SeqDataset(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, sources: list[str], targets: list[str], cfg: StageConfig):
+    """Tokenized sources and labels. A label sequence that begins with the decoder's start token (a BERT
+    tokenizer's [CLS] in a warm-started encoder-decoder) loses it: the decoder is fed that token first anyway, and
+    would otherwise learn to answer it with itself."""
+
+    def __init__(self, tokenizer, sources: list[str], targets: list[str], cfg: StageConfig, start: int | None):
         self.encodings = tokenizer(sources, truncation=True, max_length=cfg.max_source_length)
-        self.labels = tokenizer(text_target=targets, truncation=True, max_length=cfg.max_target_length)["input_ids"]
+        labels = tokenizer(text_target=targets, truncation=True, max_length=cfg.max_target_length)["input_ids"]
+        self.labels = [ids[1:] if ids and ids[0] == start else ids for ids in labels]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -133,7 +138,8 @@ class Summarization(Task):
 
     def trainer(self, cfg, built, args, train, valid, callbacks) -> Seq2SeqTrainer:
         def encode(frame: pd.DataFrame) -> Seq2SeqDataset:
-            return Seq2SeqDataset(built.tokenizer, frame["text"].tolist(), frame["target"].tolist(), cfg)
+            return Seq2SeqDataset(built.tokenizer, frame["text"].tolist(), frame["target"].tolist(), cfg,
+                                  built.network.config.decoder_start_token_id)
 
         def compute_metrics(eval_pred) -> dict[str, float]:
             generated, lengths = decode(built.tokenizer, eval_pred.predictions)
