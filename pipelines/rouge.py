@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,7 @@ def _kiwi() -> Any:
 def tokenize(text: str, tokenizer: str) -> list[str]:
     """The tokens ROUGE counts for ``text`` under ``tokenizer`` (one of :data:`TOKENIZERS`)."""
     _check_name(tokenizer)
+    text = unicodedata.normalize("NFC", text)  # Hangul typed as jamo (NFD, e.g. from macOS) equals its syllables
     if tokenizer == "whitespace":
         return text.lower().split()
     if tokenizer == "char":

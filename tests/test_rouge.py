@@ -133,3 +133,13 @@ def test_empty_mismatched_and_unknown() -> None:
         score_rows(["a"], ["a"], "bpe")
     with pytest.raises(ConfigError, match="rouge_tokenizer"):
         tokenize("a", "bpe")
+
+
+def test_hangul_in_decomposed_form_scores_as_its_syllables():
+    import unicodedata
+
+    text = "고양이가 매트 위에 앉았다"
+    decomposed = unicodedata.normalize("NFD", text)  # jamo, as macOS file names and some editors write it
+    assert decomposed != text
+    for tokenizer in ("whitespace", "char"):
+        assert score_rows([decomposed], [text], tokenizer).iloc[0].tolist() == [1.0, 1.0, 1.0, 1.0]

@@ -252,7 +252,8 @@ def test_generation_only_search_scores_a_fixed_model_without_training(warm_start
 
 def test_optuna_holdout_and_retrain_train_summarizers(bart, korean, tmp_path):
     env = store_env(tmp_path)
-    args = args_for(korean, bart, epochs=1, n_trials=2, experiment_name="hp",
+    # greedy search with a beam-only setting left over (transformers refuses that combination as such)
+    args = args_for(korean, bart, epochs=1, n_trials=2, experiment_name="hp", num_beams=1, length_penalty=2.0,
                     search_space="{learning_rate: {type: float, low: 1.0e-3, high: 5.0e-3, log: true}}")
     del args["k_folds"]
     proc = run_entrypoint("optuna_search", args, env, tmp_path)
@@ -293,3 +294,23 @@ def test_bad_summarization_input_exits_2_naming_the_fix(case, change, expected, 
     for text in expected:
         assert text in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_predict_with_a_folder_not_trained_here_needs_its_lengths_and_records_them(bart, korean, tmp_path):
+    env = store_env(tmp_path)
+    args = {"model_uri": bart, "data": korean, "text_column": "source", "experiment_name": "raw"}
+    refused = run_entrypoint("predict", args, env, tmp_path)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "records no max_new_tokens" in refused.stderr and "pass max_new_tokens=N" in refused.stderr
+    refused = run_entrypoint("predict", {**args, "max_new_tokens": 8}, env, tmp_path)
+    assert refused.returncode == 2 and "pass max_length=N" in refused.stderr, refused.stderr[-2000:]
+    proc = run_entrypoint("predict", {**args, "max_new_tokens": 8, "min_new_tokens": 2, "max_length": 64}, env,
+                          tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = parents(env, "raw", "predict")
+    settings = json.loads(artifact_text(env, run.info.run_id, "config.json", tmp_path / "c"))["settings"]
+    # the values used, none left unknown: the model's unset ones are transformers' defaults
+    assert {k: settings[k] for k in ("max_new_tokens", "min_new_tokens", "num_beams", "length_penalty",
+                                     "repetition_penalty", "no_repeat_ngram_size", "max_length")} == {
+        "max_new_tokens": 8, "min_new_tokens": 2, "num_beams": 1, "length_penalty": 1.0, "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0, "max_length": 64}

@@ -302,6 +302,11 @@ def _with_best_params(cfg, tracker: Tracker):
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     settings = {name: convert_value(name, used[name], fields[name].default) for name in TUNABLE
                 if name != "epochs" and cfg.applies(fields[name]) and name in used}
+    if used.get("objective") == "generate":  # it searched generation settings only: bring nothing else
+        settings = {}
+        if not cfg.epochs:
+            raise ConfigError(f"params_from={cfg.params_from} is a generation-only search (no training settings): "
+                              "pass epochs=N")
     if stage == "optuna":
         with tempfile.TemporaryDirectory() as tmp:
             settings.update(json.loads(tracker.download(source, BEST_PARAMS_ARTIFACT, tmp).read_text()))

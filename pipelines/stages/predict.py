@@ -21,19 +21,23 @@ import pandas as pd
 from transformers import AutoConfig
 
 from pipelines import faults
-from pipelines.config import GENERATION, PredictConfig
+from pipelines.config import GENERATION, ConfigError, PredictConfig
 from pipelines.data import DataError, Dataset, content_digest, read_table
 from pipelines.inference import load_member, predict_proba
 from pipelines.models import ModelError, ModelSource, folder_digest
 from pipelines.serving import prediction_frame, validate_texts
 from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once, share_units, upload_frame
 from pipelines.stages.contract import open_stage
+from pipelines.tasks.base import TRAINED_WITH
 from pipelines.tasks.summarization import generate, generation_config, is_seq2seq, load_summarizer
 from pipelines.tracking import Tracker, download_model, load_pyfunc, registered_version
 
 logger = logging.getLogger(__name__)
 SHARDS = "shards"
 TEXT_OUTPUTS = ("label", "generated")  # prediction columns read back as text
+# what transformers' generate() does with a generation setting the model leaves unset (None)
+UNSET_GENERATION = {"min_new_tokens": 0, "num_beams": 1, "repetition_penalty": 1.0, "length_penalty": 1.0,
+                    "no_repeat_ngram_size": 0}
 
 
 def run(cfg: PredictConfig) -> dict[str, float]:
@@ -154,7 +158,7 @@ def _load(cfg: PredictConfig, tmp: Path) -> Model:
 def _classifier(cfg: PredictConfig, source: ModelSource) -> Model:
     config = json.loads(Path(source.path, "config.json").read_text())
     labels = [label for _, label in sorted(config.get("id2label", {}).items(), key=lambda kv: int(kv[0]))]
-    cfg = dataclasses.replace(cfg, max_length=cfg.max_length or _trained_length(source.path, config))
+    cfg = dataclasses.replace(cfg, max_length=cfg.max_length or _trained_length(source))
     member = load_member(source.path, 1.0, labels, cfg.max_length)
 
     def predict(frame: pd.DataFrame) -> pd.DataFrame:
@@ -165,10 +169,12 @@ def _classifier(cfg: PredictConfig, source: ModelSource) -> Model:
 
 def _summarizer(cfg: PredictConfig, source: ModelSource) -> Model:
     network, tokenizer = load_summarizer(source.path)
-    own = network.generation_config
-    resolved = {name: getattr(cfg, name) or getattr(own, name) for name in GENERATION}
-    config = json.loads(Path(source.path, "config.json").read_text())
-    cfg = dataclasses.replace(cfg, **resolved, max_length=cfg.max_length or _trained_length(source.path, config))
+    resolved = {name: getattr(cfg, name) or getattr(network.generation_config, name) for name in GENERATION}
+    if not resolved["max_new_tokens"]:
+        raise ConfigError(f"model {source.name} records no max_new_tokens (it was not trained by a pipelines stage); "
+                          "pass max_new_tokens=N (and num_beams, ... as wanted)")
+    resolved = {name: UNSET_GENERATION.get(name) if value is None else value for name, value in resolved.items()}
+    cfg = dataclasses.replace(cfg, **resolved, max_length=cfg.max_length or _trained_length(source))
     generation = generation_config(network, cfg)
     logger.info("summarizer %s: generation %s, source truncated to %d tokens", source.name, resolved, cfg.max_length)
 
@@ -183,13 +189,13 @@ def _summarizer(cfg: PredictConfig, source: ModelSource) -> Model:
     return Model(source, cfg, predict, summarize)
 
 
-def _trained_length(path: str, config: dict) -> int:
-    """The truncation length a stage trained the model with (its tokenizer's ``model_max_length``), capped by the
-    model's position embeddings (hub tokenizers often carry a huge placeholder)."""
-    tokenizer = json.loads(Path(path, "tokenizer_config.json").read_text()) \
-        if Path(path, "tokenizer_config.json").is_file() else {}
-    limit = config.get("max_position_embeddings") or 512
-    return int(min(tokenizer.get("model_max_length") or limit, limit))
+def _trained_length(source: ModelSource) -> int:
+    """The input length a stage trained the model with (``pipelines.json`` beside it): never a guess."""
+    marker = Path(source.path, TRAINED_WITH)
+    if not marker.is_file():
+        raise ConfigError(f"model {source.name} has no {TRAINED_WITH} (it was not saved by a pipelines stage of this "
+                          "version), so the input length it was trained with is unknown: pass max_length=N")
+    return int(json.loads(marker.read_text())["max_length"])
 
 
 def _class_counts(predictions: pd.DataFrame) -> dict[str, float]:

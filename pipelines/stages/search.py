@@ -22,9 +22,9 @@ import optuna
 import pandas as pd
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
-from transformers import TrainerCallback
+from transformers import AutoConfig, TrainerCallback
 
-from pipelines.config import OptunaConfig, fingerprint
+from pipelines.config import ConfigError, OptunaConfig, fingerprint
 from pipelines.faults import raise_if
 from pipelines.models import resolve_model
 from pipelines.rouge import score_rows
@@ -32,7 +32,7 @@ from pipelines.stages.common import PREDICTIONS_ARTIFACT, fit_unit, log_once, up
 from pipelines.stages.contract import BEST_PARAMS_ARTIFACT, StageContext, open_stage, upload_json
 from pipelines.stages.kfold import cross_validate
 from pipelines.tasks import get_task
-from pipelines.tasks.summarization import generate, generation_config, load_summarizer
+from pipelines.tasks.summarization import generate, generation_config, is_seq2seq, load_summarizer
 from pipelines.study import (
     ERROR_ATTR,
     FINISHED,
@@ -86,6 +86,9 @@ def run(cfg: OptunaConfig) -> dict:
     valid = task.holdout(data, cfg) if cfg.objective != "cv" else None
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_model(cfg.model, Path(cache), task)
+        if cfg.objective == "generate" and not is_seq2seq(AutoConfig.from_pretrained(model.path)):
+            raise ConfigError(f"objective=generate scores a fine-tuned summarizer, and model {cfg.model} is an "
+                              "encoder-only checkpoint; pass model=runs:/<train run id>/model")
         settings = StudySettings(
             storage=state_storage(cfg.optuna_storage), study_name=cfg.study_name,
             direction=cfg.optimization_direction(), sampler=cfg.sampler, pruner=cfg.pruner, seed=cfg.seed,

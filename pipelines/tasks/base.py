@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pipelines.config import StageConfig
 from pipelines.data import Dataset, DataError, read_table
 
 logger = logging.getLogger(__name__)
+TRAINED_WITH = "pipelines.json"  # beside a saved model: how a stage trained it
 
 
 @dataclass
@@ -65,10 +67,15 @@ class Task:
         """Validation metrics and the predictions frame (``row_id`` first, one row per validation row)."""
         raise NotImplementedError
 
+    def input_length(self, cfg: StageConfig) -> int:
+        """The tokens per input text the model is trained with."""
+        raise NotImplementedError
+
     def save(self, trainer: Trainer, built: Built, folder: Path, cfg: StageConfig) -> None:
-        """The trained model for inference: weights, config, tokenizer (with the truncation length it was
-        trained with as ``model_max_length``), no optimizer state."""
+        """The trained model for inference: weights, config, tokenizer, no optimizer state; and ``pipelines.json``
+        with the task and the input length it was trained with (what `predict` truncates to)."""
         trainer.save_model(str(folder))
+        (folder / TRAINED_WITH).write_text(json.dumps({"task": self.name, "max_length": self.input_length(cfg)}))
 
     def read_predictions(self, path: Path) -> pd.DataFrame:
         return pd.read_csv(path, dtype=dict.fromkeys(self.text_columns, str), keep_default_na=False)

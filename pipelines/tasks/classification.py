@@ -61,6 +61,9 @@ class Classification(Task):
     def holdout(self, data: Dataset, cfg: StageConfig) -> np.ndarray:
         return holdout_split(data, cfg.validation_fraction, cfg.fold_seed)
 
+    def input_length(self, cfg: StageConfig) -> int:
+        return cfg.max_length
+
     def build(self, cfg: StageConfig, path: str, data: Dataset) -> Built:
         labels = data.labels
         network = AutoModelForSequenceClassification.from_pretrained(

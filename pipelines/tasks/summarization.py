@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from pipelines.config import GENERATION, StageConfig
+from pipelines.config import GENERATION, ConfigError, StageConfig
 from pipelines.data import Dataset, DataError, content_digest
 from pipelines.models import ModelError
 from pipelines.rouge import SCORE_COLUMNS, check_tokenizer, score_rows
@@ -123,6 +123,9 @@ class Summarization(Task):
             f"architecture has no decoder form). Pass a seq2seq checkpoint (BART/KoBART, T5, mT5, Marian, Pegasus) or "
             f"an encoder that can be a decoder (BERT, RoBERTa, XLM-R, ELECTRA) for task=summarization.")
 
+    def input_length(self, cfg: StageConfig) -> int:
+        return cfg.max_source_length
+
     def build(self, cfg: StageConfig, path: str, data: Dataset) -> Built:
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.model_max_length = cfg.max_source_length  # saved with the model: predict truncates the same way
@@ -197,10 +200,19 @@ def warm_start(path: str, tokenizer) -> EncoderDecoderModel:
 
 def generation_config(network, settings) -> GenerationConfig:
     """The model's generation config with the run's generation settings (``settings`` has the GENERATION names);
-    ``max_new_tokens``/``min_new_tokens`` rule, so a checkpoint's own ``max_length``/``min_length`` are cleared."""
+    ``max_new_tokens``/``min_new_tokens`` rule, so a checkpoint's own ``max_length``/``min_length`` are cleared.
+    Generation is deterministic (no sampling). With ``num_beams=1`` (greedy) the beam-only ``length_penalty`` has
+    no effect and ``early_stopping`` is off: transformers refuses either when set for greedy search."""
     config = copy.deepcopy(network.generation_config)
+    beams = settings.num_beams > 1
     config.update(**{name: getattr(settings, name) for name in GENERATION}, max_length=None, min_length=None,
-                  early_stopping=True if settings.num_beams > 1 else config.early_stopping)
+                  do_sample=False, early_stopping=beams)
+    if not beams:
+        config.length_penalty = 1.0
+    try:
+        config.validate(strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"these generation settings cannot be used together: {exc}") from None
     return config
 
 
