@@ -209,7 +209,7 @@ def test_predict_generates_summaries_and_resumes_by_shard(warm_started, dialogue
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     (parent,) = parents(env, "pred", "predict")
     shard0 = client(env).list_artifacts(parent.info.run_id, "shards")
-    assert [a.path for a in shard0] == ["shards/shard-00000.csv"]
+    assert [a.path for a in shard0] == ["shards/shard-00000.csv", "shards/shard-00000.json"]
     first = Path(parent.info.artifact_uri.removeprefix("file://")) / "shards" / "shard-00000.csv"
     written = first.stat().st_mtime_ns
 

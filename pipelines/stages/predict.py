@@ -1,7 +1,7 @@
 """`predict`: batch predictions of any model for a data file; each shard of rows is a resumable unit.
 
-A shard's predictions are logged as ``shards/shard-<i>.csv`` as soon as it is done; a resumed run
-skips the shards already there. The parent run gets ``predictions.csv``: for a classifier (or a pyfunc
+A shard's predictions are logged as ``shards/shard-<i>.csv`` (pipelines/shards.py) as soon as it is done;
+a resumed run skips the shards already there. The parent run gets ``predictions.csv``: for a classifier (or a pyfunc
 ensemble) ``row_id``, ``label``, ``prob_<class>``... and the predicted class distribution (``count_<label>``,
 ``pct_<label>``); for a summarizer ``row_id``, ``generated`` and the mean summary length.
 """
@@ -20,20 +20,19 @@ import numpy as np
 import pandas as pd
 from transformers import AutoConfig
 
-from pipelines import faults
 from pipelines.config import GENERATION, ConfigError, PredictConfig
 from pipelines.data import DataError, Dataset, content_digest, read_table
 from pipelines.inference import load_member, predict_proba
 from pipelines.models import ModelError, ModelSource, folder_digest
 from pipelines.serving import prediction_frame, validate_texts
-from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once, share_units, upload_frame
+from pipelines.shards import Shards, finish
+from pipelines.stages.common import PREDICTIONS_ARTIFACT
 from pipelines.stages.contract import open_stage
 from pipelines.tasks.base import TRAINED_WITH
 from pipelines.tasks.summarization import generate, generation_config, is_seq2seq, load_summarizer
 from pipelines.tracking import Tracker, download_model, load_pyfunc, registered_version
 
 logger = logging.getLogger(__name__)
-SHARDS = "shards"
 TEXT_OUTPUTS = ("label", "generated")  # prediction columns read back as text
 # what transformers' generate() does with a generation setting the model leaves unset (None)
 UNSET_GENERATION = {"min_new_tokens": 0, "num_beams": 1, "repetition_penalty": 1.0, "length_penalty": 1.0,
@@ -50,74 +49,18 @@ def run(cfg: PredictConfig) -> dict[str, float]:
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-pred-") as tmp:
         model = _load(cfg, Path(tmp))
         ctx = open_stage("predict", model.cfg, data, model.source, tracker)
-        shards = Shards(ctx, texts, cfg.shard_size, Path(tmp) / "check")
-        if ctx.resumed:
-            logger.info("resuming predict run %s: %d/%d shards done", ctx.parent_id, len(shards.done), len(shards))
-        share_units(ctx, len(shards), lambda i: shards.attempt(i, model.predict), "shards")
-        with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together finish it once
-            local = tracker.download(ctx.parent_id, SHARDS, Path(tmp) / "shards")
-            predictions = pd.concat([pd.read_csv(path, dtype=dict.fromkeys(TEXT_OUTPUTS, str), keep_default_na=False)
-                                     for path in sorted(local.glob("*.csv"))])
-            upload_frame(tracker, ctx.parent_id, PREDICTIONS_ARTIFACT, predictions)
-            if cfg.output:
-                predictions.to_csv(cfg.output, index=False)
-            summary = model.summarize(predictions)
-            log_once(tracker, ctx.parent_id, summary)
-            tracker.finish(ctx.parent_id)
+        shards = Shards(ctx, texts, cfg.shard_size, Path(tmp) / "check", read=read_predictions)
+        predictions = shards.run(lambda rows: pd.concat([rows[["row_id"]], model.predict(rows[["text"]])], axis=1))
+        summary = model.summarize(predictions)
+        finish(ctx, {PREDICTIONS_ARTIFACT: predictions}, summary)
+    if cfg.output:
+        predictions.to_csv(cfg.output, index=False)
     logger.info("predict run %s: %d rows, %s", ctx.parent_id, len(predictions), summary)
     return summary
 
 
-class Shards:
-    """The shards of rows of a predict run: ``shards/shard-<i>.csv`` artifacts, each done under its lease."""
-
-    def __init__(self, ctx, texts: pd.DataFrame, size: int, tmp: Path):
-        self.ctx, self.texts, self.size, self.tmp = ctx, texts, size, tmp
-        self.starts = range(0, len(texts), size)
-        listed = {Path(p).name for p in ctx.tracker.list_artifacts(ctx.parent_id, SHARDS)}
-        self.done = {i for i in range(len(self)) if self.name(i) in listed and self._verified(i, listed)}
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    @staticmethod
-    def name(i: int) -> str:
-        return f"shard-{i:05d}.csv"
-
-    def attempt(self, i: int, predict) -> bool | None:
-        """True once shard ``i`` is done (by this worker now, or before); None while another worker holds it."""
-        if i in self.done:
-            return True
-        lease = self.ctx.leases.acquire(self.ctx.parent_id, f"shard-{i}")
-        if lease is None:
-            return None
-        with lease:
-            if not self._verified(i):  # another worker may have finished it meanwhile
-                rows = self.texts.iloc[self.starts[i]:self.starts[i] + self.size].reset_index(drop=True)
-                result = pd.concat([rows[["row_id"]], predict(rows[["text"]])], axis=1)
-                lease.check()
-                upload_frame(self.ctx.tracker, self.ctx.parent_id, self.name(i), result, artifact_path=SHARDS)
-                faults.failpoint("predict_shard")
-        self.done.add(i)
-        return True
-
-    def _verified(self, i: int, listed: set[str] | None = None) -> bool:
-        """Whether shard ``i`` is logged and holds exactly its rows (a copy torn by a crash is done again)."""
-        name, run_id = self.name(i), self.ctx.parent_id
-        if listed is None:
-            listed = {Path(p).name for p in self.ctx.tracker.list_artifacts(run_id, SHARDS)}
-        if name not in listed:
-            return False
-        try:
-            local = self.ctx.tracker.download(run_id, f"{SHARDS}/{name}", self.tmp)
-            rows = pd.read_csv(local, usecols=["row_id"])["row_id"].tolist()
-        except (ValueError, pd.errors.ParserError, OSError):
-            rows = []
-        start = self.starts[i]
-        if rows == list(range(start, min(start + self.size, len(self.texts)))):
-            return True
-        logger.warning("shard %s of run %s is incomplete: it is predicted again", name, run_id)
-        return False
+def read_predictions(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=dict.fromkeys(TEXT_OUTPUTS, str), keep_default_na=False)
 
 
 @dataclass

@@ -1,0 +1,148 @@
+"""The one shard mechanism of the batch stages (`predict`, `llm`, `augment`, `correct`, `validate`).
+
+A stage's items (rows with a ``row_id``) are split into shards of ``size`` rows. Shard ``i`` is a unit:
+done under its lease (so several workers can share a stage), its output logged as
+``shards/shard-<i>.csv`` followed by ``shards/shard-<i>.json`` (row ids and the CSV's sha256). The manifest
+comes last, so a shard is done only once it exists and the CSV matches it: a copy torn by a kill is done
+again. A resumed run skips the done shards; the outputs are assembled in shard order, so the result is the
+same as an uninterrupted run's wherever the work itself is deterministic. Progress is logged to the parent
+run as metrics ``items_done`` (at step = items done) and ``items_total``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from pipelines import faults
+from pipelines.stages.common import log_once, share_units, upload_frame
+from pipelines.stages.contract import StageContext
+
+logger = logging.getLogger(__name__)
+
+FOLDER = "shards"
+Work = Callable[[pd.DataFrame], pd.DataFrame]  # a shard's items -> its output rows (any number, any columns)
+
+
+class Shards:
+    """The shards of ``items`` in the parent run of ``ctx``.
+
+    ``accept(output)`` may refuse a done shard's output (e.g. ``retry_failed`` refuses one with failed rows):
+    the shard is then done again. ``read`` parses a shard's CSV (default: pandas' defaults).
+    """
+
+    def __init__(self, ctx: StageContext, items: pd.DataFrame, size: int, tmp: Path,
+                 accept: Callable[[pd.DataFrame], bool] | None = None,
+                 read: Callable[[Path], pd.DataFrame] = pd.read_csv):
+        self.ctx, self.items, self.size, self.tmp = ctx, items.reset_index(drop=True), size, tmp
+        self.accept, self.read = accept, read
+        self.starts = range(0, len(items), size)
+        self.outputs: dict[int, pd.DataFrame] = {}
+        listed = self._listed()
+        self.done = {i for i in range(len(self)) if self._verified(i, listed)}
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def rows(self, i: int) -> pd.DataFrame:
+        return self.items.iloc[self.starts[i]:self.starts[i] + self.size].reset_index(drop=True)
+
+    def run(self, work: Work) -> pd.DataFrame:
+        """Do every shard not yet done (sharing them with other workers) and return all outputs in order."""
+        tracker, run_id = self.ctx.tracker, self.ctx.parent_id
+        if self.ctx.resumed:
+            logger.info("resuming %s run %s: %d/%d shards done", self.ctx.stage, run_id, len(self.done), len(self))
+        tracker.log_metrics(run_id, {"items_total": len(self.items)})
+        self._progress()
+        share_units(self.ctx, len(self), lambda i: self._attempt(i, work), "shards")
+        return pd.concat([self._output(i) for i in range(len(self))], ignore_index=True)
+
+    def _attempt(self, i: int, work: Work) -> bool | None:
+        """True once shard ``i`` is done (by this worker now, or before); None while another worker holds it."""
+        if i in self.done:
+            return True
+        lease = self.ctx.leases.acquire(self.ctx.parent_id, f"shard-{i}")
+        if lease is None:
+            return None
+        with lease:
+            if not self._verified(i, self._listed()):  # another worker may have finished it meanwhile
+                output = work(self.rows(i))
+                lease.check()
+                self._commit(i, output)
+                faults.failpoint(f"{self.ctx.stage}_shard")
+        self.done.add(i)
+        self._progress()
+        return True
+
+    def _commit(self, i: int, output: pd.DataFrame) -> None:
+        """The shard's CSV, then its manifest: the shard counts as done only once both are there and agree."""
+        tracker, run_id = self.ctx.tracker, self.ctx.parent_id
+        with tempfile.TemporaryDirectory() as tmp:
+            csv, manifest = Path(tmp, self._name(i, "csv")), Path(tmp, self._name(i, "json"))
+            output.to_csv(csv, index=False)
+            manifest.write_text(json.dumps({"rows": self._ids(i), "sha256": _sha256(csv)}))
+            tracker.upload(run_id, csv, FOLDER)
+            tracker.upload(run_id, manifest, FOLDER)
+            self.outputs[i] = self.read(csv)  # as a restored shard reads it: the same result either way
+
+    def _verified(self, i: int, listed: set[str]) -> bool:
+        """Whether shard ``i`` is logged whole, for its rows, and accepted; its output is kept if so."""
+        csv, manifest = self._name(i, "csv"), self._name(i, "json")
+        if csv not in listed or manifest not in listed:
+            return False
+        tracker, run_id = self.ctx.tracker, self.ctx.parent_id
+        try:
+            meta = json.loads(tracker.download(run_id, f"{FOLDER}/{manifest}", self.tmp).read_text())
+            local = tracker.download(run_id, f"{FOLDER}/{csv}", self.tmp)
+            whole = meta["rows"] == self._ids(i) and meta["sha256"] == _sha256(local)
+        except (OSError, ValueError, KeyError):
+            whole = False
+        if not whole:
+            logger.warning("shard %s of run %s is incomplete or for other rows: it is done again", csv, run_id)
+            return False
+        output = self.read(local)
+        if self.accept is not None and not self.accept(output):
+            logger.info("shard %s of run %s is done again (refused by this invocation's settings)", csv, run_id)
+            return False
+        self.outputs[i] = output
+        return True
+
+    def _output(self, i: int) -> pd.DataFrame:
+        if i not in self.outputs:  # done by another worker
+            if not self._verified(i, self._listed()):
+                raise RuntimeError(f"shard {i} of run {self.ctx.parent_id} was reported done but does not verify")
+        return self.outputs[i]
+
+    def _progress(self) -> None:
+        done = sum(len(self.rows(i)) for i in self.done)
+        self.ctx.tracker.log_metrics(self.ctx.parent_id, {"items_done": done}, step=done)
+
+    def _ids(self, i: int) -> list[int]:
+        return [int(x) for x in self.rows(i)["row_id"]]
+
+    def _listed(self) -> set[str]:
+        return {Path(p).name for p in self.ctx.tracker.list_artifacts(self.ctx.parent_id, FOLDER)}
+
+    @staticmethod
+    def _name(i: int, suffix: str) -> str:
+        return f"shard-{i:05d}.{suffix}"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def finish(ctx: StageContext, artifacts: dict[str, pd.DataFrame], metrics: dict[str, float]) -> None:
+    """Log a batch stage's assembled outputs and summary metrics, and end its parent run: once, however many
+    workers end together."""
+    with ctx.leases.wait_for(ctx.parent_id, "finish"):
+        for name, frame in artifacts.items():
+            upload_frame(ctx.tracker, ctx.parent_id, name, frame)
+        log_once(ctx.tracker, ctx.parent_id, metrics)
+        ctx.tracker.finish(ctx.parent_id)
