@@ -15,8 +15,8 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -114,9 +114,8 @@ class Shards:
         return True
 
     def _output(self, i: int) -> pd.DataFrame:
-        if i not in self.outputs:  # done by another worker
-            if not self._verified(i, self._listed()):
-                raise RuntimeError(f"shard {i} of run {self.ctx.parent_id} was reported done but does not verify")
+        if i not in self.outputs and not self._verified(i, self._listed()):  # done by another worker, or not
+            raise RuntimeError(f"shard {i} of run {self.ctx.parent_id} was reported done but does not verify")
         return self.outputs[i]
 
     def _progress(self) -> None:
