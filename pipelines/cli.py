@@ -21,6 +21,7 @@ def main(config_cls: type[Settings], stage: str, argv: list[str] | None = None) 
     logging.basicConfig(level=os.environ.get("PIPELINES_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per shard download otherwise
     install_signal_handlers()
     try:
         claim_launcher(new_owner())

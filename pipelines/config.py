@@ -421,6 +421,76 @@ class RetrainConfig(StageConfig):
 
 
 @dataclass
+class LLMSettings(Settings):
+    """How to call an OpenAI-compatible chat-completions endpoint (pipelines/llm.py)."""
+
+    base_url: str = setting("", "OpenAI-compatible endpoint, e.g. https://api.upstage.ai/v1 (Upstage Solar), "
+                            "https://api.openai.com/v1 or a local vLLM server's http://host:8000/v1.")
+    llm_model: str = setting("", "Model name at that endpoint, e.g. solar-pro2.")
+    system_prompt: str = setting("", "System message sent before each prompt (inline, or a file); empty: none.")
+    temperature: float = setting(0.0, "Sampling temperature (0: the most deterministic answers).")
+    max_tokens: int = setting(256, "Most tokens per answer.")
+    concurrency: int = setting(4, "Requests in flight at once.", result=False)
+    requests_per_minute: int = setting(0, "Most requests started in any minute; 0: no limit.", result=False)
+    tokens_per_minute: int = setting(0, "Most tokens (prompt + answer) in any minute; 0: no limit.", result=False)
+    max_retries: int = setting(5, "Retries of a request after 429, 5xx, timeouts and dropped connections, with "
+                               "exponential back-off (or the server's retry-after).", result=False)
+    request_timeout: float = setting(60.0, "Seconds before one attempt of a request times out.", result=False)
+    flush_seconds: float = setting(10.0, "Finished requests are written to the ledger (the state database) at least "
+                                   "this often; 0: each at once.", result=False)
+    api_key_env: str = setting("OPENAI_API_KEY", "Name of the environment variable holding the API key (the key "
+                               "itself is never a setting, and is never logged or recorded).", result=False)
+    price_per_1k_input: float = setting(0.0, "Price per 1,000 prompt tokens, for the `cost` metric.", result=False)
+    price_per_1k_output: float = setting(0.0, "Price per 1,000 answer tokens, for the `cost` metric.",
+                                         result=False)
+    retry_failed: bool = setting(False, "On resume, send the requests that finally failed again (only them).",
+                                 result=False)
+
+    def check_llm(self) -> None:
+        """Called by the stages that do send requests."""
+        if not self.base_url or not self.llm_model:
+            raise ConfigError("base_url and llm_model are required: e.g. base_url=https://api.upstage.ai/v1 "
+                              "llm_model=solar-pro2")
+        for name in ("max_tokens", "concurrency", "request_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        for name in ("requests_per_minute", "tokens_per_minute", "max_retries", "flush_seconds", "temperature",
+                     "price_per_1k_input", "price_per_1k_output"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be zero or positive")
+
+
+@dataclass
+class BatchConfig(Coordinated):
+    """Settings of every batch stage: items of a data file in resumable shards (pipelines/shards.py)."""
+
+    data: str = setting(DEFAULT_DATA, "CSV, JSONL or Parquet file with the items.", result=False)
+    text_column: str = setting("text", "Column holding the input text.")
+    shard_size: int = setting(100, "Items per shard; finished shards are not done again on resume.")
+    experiment_name: str = setting("", "MLflow experiment; empty uses MLFLOW_EXPERIMENT_NAME / _ID or 'Default'.",
+                                   result=False)
+    resume: bool = setting(False, "Continue the newest run of this stage with the same settings.", result=False)
+    resume_from: str = setting("", "Run id of a run of this stage to continue explicitly.", result=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shard_size <= 0:
+            raise ConfigError(f"shard_size={self.shard_size} must be positive")
+
+
+@dataclass
+class LlmConfig(LLMSettings, BatchConfig):
+    """`llm`: one chat completion per row of a data file, resumable per request (never paid twice)."""
+
+    prompt_template: str = setting("{text}", "Prompt (inline, or a file): {text} is the text column, {name} any "
+                                   "other column; its content is in the fingerprint.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_llm()
+
+
+@dataclass
 class PredictConfig(Coordinated):
     """`predict`: batch predictions of a model for a data file, resumable per shard."""
 
@@ -450,3 +520,34 @@ class PredictConfig(Coordinated):
             raise ConfigError("model_uri is empty; pass model_uri=models:/<name>@<alias>, runs:/... or a folder")
         if self.shard_size <= 0 or self.eval_batch_size <= 0:
             raise ConfigError("shard_size and eval_batch_size must be positive")
+
+
+@dataclass
+class ValidateConfig(PredictConfig):
+    """`validate`: scores a model, or another run's predictions, against references, shard by shard."""
+
+    model_uri: str = setting("", "A model to predict with and score (models:/..., runs:/... or a folder); or pass "
+                             "predictions_from.", result=False)
+    task: str = setting("classification", "What is scored: classification labels (accuracy, f1_macro) or "
+                        "summaries (ROUGE).", choices=TASKS)
+    predictions_from: str = setting("", "Run id of a kfold, train, predict, llm or correct run whose predictions "
+                                    "are scored (instead of model_uri).", result=False)  # its id is the model digest
+    prediction_column: str = setting("", "Column of those predictions to score; empty: the source stage's own "
+                                     "(predicted, generated, response, corrected...).")
+    label_column: str = setting("label", "Column of `data` holding the true label.", task="classification")
+    target_column: str = setting("summary", "Column of `data` holding the reference summary.", task="summarization")
+    rouge_tokenizer: str = setting("whitespace", "How ROUGE splits text (see the train stage).",
+                                   choices=ROUGE_TOKENIZERS, task="summarization")
+    worst_examples: int = setting(50, "Rows in the table of the worst-scored examples.", result=False)
+
+    def __post_init__(self) -> None:
+        Coordinated.__post_init__(self)
+        if bool(self.model_uri) == bool(self.predictions_from):
+            raise ConfigError("pass exactly one of model_uri=<model to score> or predictions_from=<run id whose "
+                              "predictions to score>")
+        if self.shard_size <= 0 or self.eval_batch_size <= 0 or self.worst_examples < 0:
+            raise ConfigError("shard_size and eval_batch_size must be positive, worst_examples zero or positive")
+        for f in dataclasses.fields(self):
+            if not self.applies(f) and getattr(self, f.name) != f.default:
+                raise ConfigError(f"{f.name} is a {f.metadata['task']} setting and does nothing with "
+                                  f"task={self.task}; remove it, or pass task={f.metadata['task']}")

@@ -110,7 +110,7 @@ def _key(scope: str, unit: str) -> ColumnElement[bool]:
     return and_(_leases.c.scope == scope, _leases.c.unit == unit)
 
 
-def _make_engine(url: str) -> Engine:
+def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
@@ -121,13 +121,13 @@ def _make_engine(url: str) -> Engine:
     return create_engine(url, connect_args={"timeout": 30}, pool_pre_ping=True)
 
 
-def _create_table(engine: Engine) -> None:
-    """Create the table if missing, surviving other processes creating it at the same instant."""
+def create_table(engine: Engine, table: Table = _leases) -> None:
+    """Create ``table`` if missing, surviving other processes creating it at the same instant."""
     deadline = time.monotonic() + CREATE_TIMEOUT
     attempt = 0
     while True:
         try:
-            _leases.create(engine, checkfirst=True)
+            table.create(engine, checkfirst=True)
             return
         except DBAPIError as exc:
             message = str(exc.orig if exc.orig is not None else exc)
@@ -135,8 +135,8 @@ def _create_table(engine: Engine) -> None:
                 raise
             attempt += 1
             pause = random.uniform(0.05, 0.25) * min(attempt, 4)
-            logger.info("lease table creation raced, retrying table=%s attempt=%d pause=%.2f error=%s",
-                        TABLE, attempt, pause, message.strip().splitlines()[0])
+            logger.info("table creation raced, retrying table=%s attempt=%d pause=%.2f error=%s",
+                        table.name, attempt, pause, message.strip().splitlines()[0])
             time.sleep(pause)
 
 
@@ -225,10 +225,10 @@ class LeaseStore:
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.owner = new_owner()
-        self.engine = _make_engine(url)
+        self.engine = make_engine(url)
         self._held: dict[tuple[str, str], Lease] = {}
         self._lock = threading.Lock()
-        _create_table(self.engine)
+        create_table(self.engine)
 
     def __repr__(self) -> str:
         return f"LeaseStore(url={self.engine.url!r}, owner={self.owner!r})"

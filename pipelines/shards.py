@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines import faults
-from pipelines.stages.common import log_once, share_units, upload_frame
+from pipelines.stages.common import share_units, upload_frame
 from pipelines.stages.contract import StageContext
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Shards:
                  read: Callable[[Path], pd.DataFrame] = pd.read_csv):
         self.ctx, self.items, self.size, self.tmp = ctx, items.reset_index(drop=True), size, tmp
         self.accept, self.read = accept, read
+        self.running: Callable[[pd.DataFrame], dict[str, float]] | None = None
         self.starts = range(0, len(items), size)
         self.outputs: dict[int, pd.DataFrame] = {}
         listed = self._listed()
@@ -53,8 +54,12 @@ class Shards:
     def rows(self, i: int) -> pd.DataFrame:
         return self.items.iloc[self.starts[i]:self.starts[i] + self.size].reset_index(drop=True)
 
-    def run(self, work: Work) -> pd.DataFrame:
-        """Do every shard not yet done (sharing them with other workers) and return all outputs in order."""
+    def run(self, work: Work, running: Callable[[pd.DataFrame], dict[str, float]] | None = None) -> pd.DataFrame:
+        """Do every shard not yet done (sharing them with other workers) and return all outputs in order.
+
+        ``running(outputs so far)``: metrics logged with ``items_done`` after each shard (e.g. a running mean).
+        """
+        self.running = running
         tracker, run_id = self.ctx.tracker, self.ctx.parent_id
         if self.ctx.resumed:
             logger.info("resuming %s run %s: %d/%d shards done", self.ctx.stage, run_id, len(self.done), len(self))
@@ -76,6 +81,8 @@ class Shards:
                 lease.check()
                 self._commit(i, output)
                 faults.failpoint(f"{self.ctx.stage}_shard")
+                logger.info("%s shard %d/%d done by this worker (%d items)", self.ctx.stage, i + 1, len(self),
+                            len(self.rows(i)))
         self.done.add(i)
         self._progress()
         return True
@@ -120,7 +127,9 @@ class Shards:
 
     def _progress(self) -> None:
         done = sum(len(self.rows(i)) for i in self.done)
-        self.ctx.tracker.log_metrics(self.ctx.parent_id, {"items_done": done}, step=done)
+        outputs = [self.outputs[i] for i in sorted(self.done) if i in self.outputs]
+        metrics = self.running(pd.concat(outputs, ignore_index=True)) if self.running and outputs else {}
+        self.ctx.tracker.log_metrics(self.ctx.parent_id, {"items_done": done, **metrics}, step=done)
 
     def _ids(self, i: int) -> list[int]:
         return [int(x) for x in self.rows(i)["row_id"]]
@@ -143,5 +152,6 @@ def finish(ctx: StageContext, artifacts: dict[str, pd.DataFrame], metrics: dict[
     with ctx.leases.wait_for(ctx.parent_id, "finish"):
         for name, frame in artifacts.items():
             upload_frame(ctx.tracker, ctx.parent_id, name, frame)
-        log_once(ctx.tracker, ctx.parent_id, metrics)
+        latest = ctx.tracker.metrics(ctx.parent_id)  # a resume that changed nothing logs nothing again
+        ctx.tracker.log_metrics(ctx.parent_id, {k: v for k, v in metrics.items() if latest.get(k) != float(v)})
         ctx.tracker.finish(ctx.parent_id)

@@ -6,7 +6,6 @@ Run `python scripts/make_mlproject.py` after changing a config field; tests fail
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -14,11 +13,13 @@ from pipelines.config import (
     DEFAULT_DATA,
     EnsembleConfig,
     KFoldConfig,
+    LlmConfig,
     OptunaConfig,
     PredictConfig,
     RetrainConfig,
     Settings,
     TrainConfig,
+    ValidateConfig,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +31,8 @@ ENTRY_POINTS: dict[str, tuple[type[Settings], str]] = {
     "retrain": (RetrainConfig, "retrain.py"),
     "ensemble": (EnsembleConfig, "ensemble.py"),
     "predict": (PredictConfig, "predict.py"),
+    "llm": (LlmConfig, "llm.py"),
+    "validate": (ValidateConfig, "validate.py"),
 }
 SKIPPED = {"experiment_name"}  # `mlflow run --experiment-name` sets it
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def client(env: dict) -> MlflowClient:
@@ -42,3 +46,13 @@ def artifact_frame(env: dict, run_id: str, path: str, dst: Path) -> pd.DataFrame
 def metric_steps(env: dict, run_id: str) -> dict[str, list[int]]:
     c = client(env)
     return {k: [m.step for m in c.get_metric_history(run_id, k)] for k in c.get_run(run_id).data.metrics}
+
+
+def mlflow_run(env, cwd, entry: str, args: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The interface users type: `mlflow run . -e ENTRY --experiment-name E -P k=v ...`."""
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
+           "--experiment-name", args["experiment_name"]]
+    for key, value in args.items():
+        if key != "experiment_name":
+            cmd += ["-P", f"{key}={value}"]
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import io
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, make_tiny_model, run_entrypoint, store_env
-from helpers import artifact_frame, artifact_text, children, client, metric_steps, parents
+from conftest import make_tiny_model, run_entrypoint, store_env
+from helpers import artifact_frame, artifact_text, children, client, metric_steps, mlflow_run, parents
 from seq2seq_fixtures import make_tiny_bart, make_tiny_distilbert, make_tiny_summaries
 
 from pipelines.rouge import score_rows
@@ -41,16 +39,6 @@ def args_for(data, model, **extra) -> dict:
                 max_target_length=32, max_new_tokens=12, min_new_tokens=3, num_beams=2, generation_batch_size=16,
                 rouge_tokenizer="whitespace", seed=42, experiment_name="sum")
     return {**args, **extra}
-
-
-def mlflow_run(env, cwd, entry: str, args: dict) -> subprocess.CompletedProcess:
-    """The interface users type: `mlflow run . -e ENTRY -P k=v ...`."""
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry, "--env-manager", "local",
-           "--experiment-name", args["experiment_name"]]
-    for key, value in args.items():
-        if key != "experiment_name":
-            cmd += ["-P", f"{key}={value}"]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 def result_folds(env, parent) -> list:

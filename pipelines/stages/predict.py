@@ -47,7 +47,7 @@ def run(cfg: PredictConfig) -> dict[str, float]:
     texts = pd.DataFrame({"row_id": np.arange(len(frame)), "text": frame[cfg.text_column].fillna("").astype(str)})
     data = Dataset(frame=texts, labels=[], digest=content_digest(texts, ["row_id", "text"]))
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-pred-") as tmp:
-        model = _load(cfg, Path(tmp))
+        model = load_model(cfg, Path(tmp))
         ctx = open_stage("predict", model.cfg, data, model.source, tracker)
         shards = Shards(ctx, texts, cfg.shard_size, Path(tmp) / "check", read=read_predictions)
         predictions = shards.run(lambda rows: pd.concat([rows[["row_id"]], model.predict(rows[["text"]])], axis=1))
@@ -73,7 +73,7 @@ class Model:
     summarize: Callable[[pd.DataFrame], dict[str, float]]  # all predictions -> summary metrics
 
 
-def _load(cfg: PredictConfig, tmp: Path) -> Model:
+def load_model(cfg: PredictConfig, tmp: Path) -> Model:
     """The model named by ``model_uri``: a pyfunc (e.g. a registered ensemble), a summarizer or a classifier."""
     uri = cfg.model_uri
     if uri.startswith(("models:/", "runs:/")):

@@ -1,0 +1,317 @@
+"""Chat completions from any OpenAI-compatible endpoint that never pay twice for the same request.
+
+Every request is keyed by the sha256 of its canonical form (model, messages, temperature, max_tokens). Its
+outcome (answer, token usage, latency, or the final error) goes into the :class:`Ledger`, a table of the
+state database shared by all workers (the one holding leases and Optuna studies: SQLite beside the embedded
+store, PostgreSQL for a team), written at least every ``flush_seconds``. Before sending, the client looks the
+key up there, so a resumed or second worker re-sends only the requests whose answer never came back.
+
+The API key is read from the environment variable named by ``api_key_env`` and handed to the ``openai``
+client only; it is never logged, recorded or written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import string
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pandas as pd
+from sqlalchemy import Column, MetaData, String, Table, Text, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from pipelines import faults
+from pipelines.config import ConfigError, LLMSettings
+from pipelines.leases import create_table, make_engine
+
+logger = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+
+COLUMNS = ("response", "prompt_tokens", "completion_tokens", "latency_s", "error", "retries")
+RETRIED = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)  # every request would fail
+MAX_BACKOFF = 60.0
+
+_metadata = MetaData()
+_ledger = Table("pipelines_llm_ledger", _metadata,
+                Column("scope", String(255), primary_key=True),
+                Column("key", String(64), primary_key=True),
+                Column("outcome", Text, nullable=False))
+
+
+# ---------------------------------------------------------------- prompts and requests
+
+
+def load_template(value: str) -> str:
+    """``prompt_template`` (or ``system_prompt``): the text of a file when it names one, else the value itself."""
+    if value and "\n" not in value and len(value) < 1024 and Path(value).is_file():
+        return Path(value).read_text(encoding="utf-8")
+    return value
+
+
+def template_fields(template: str, setting: str = "prompt_template") -> list[str]:
+    """The ``{name}`` fields of a template; positional ``{}`` fields are refused."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{setting} is not a valid template ({exc}); write fields as {{column}}, braces as "
+                          "{{ and }}") from None
+    if any(not name or name.isdigit() for name in names):
+        raise ConfigError(f"{setting} has a positional field {{}}; name the column, e.g. {{text}}")
+    return sorted(set(names))
+
+
+def canonical_request(prompt: str, cfg: LLMSettings, system_prompt: str) -> dict:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+               [{"role": "user", "content": prompt}]
+    return {"model": cfg.llm_model, "messages": messages, "temperature": cfg.temperature,
+            "max_tokens": cfg.max_tokens}
+
+
+def request_key(request: dict) -> str:
+    payload = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def api_key(env: str) -> str:
+    key = os.environ.get(env, "")
+    if not key:
+        raise ConfigError(f"the environment variable {env} (api_key_env) is not set: export {env}=<your API key>, or "
+                          "pass api_key_env=<the variable that holds it>")
+    return key
+
+
+# ---------------------------------------------------------------- rate limits
+
+
+class RateLimiter:
+    """At most ``requests_per_minute`` requests and ``tokens_per_minute`` tokens in any 60 s window (0: no limit).
+
+    A request is counted with its estimated tokens when it starts (prompt characters / 3 + max_tokens, an
+    over-estimate for most tokenizers) and corrected to the usage the server reports once it returns.
+    """
+
+    WINDOW = 60.0
+
+    def __init__(self, requests_per_minute: int, tokens_per_minute: int):
+        self.rpm, self.tpm = requests_per_minute, tokens_per_minute
+        self._sent: deque[list] = deque()  # [time, tokens] of requests in the window
+        self._lock = threading.Lock()
+
+    def acquire(self, tokens: int) -> list:
+        """Block until the request fits the limits; returns its entry, to :meth:`settle` with the real usage."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                while self._sent and now - self._sent[0][0] >= self.WINDOW:
+                    self._sent.popleft()
+                wait = self._wait(now, tokens)
+                if wait <= 0:
+                    entry = [now, tokens]
+                    self._sent.append(entry)
+                    return entry
+            time.sleep(min(wait, 1.0))
+
+    def _wait(self, now: float, tokens: int) -> float:
+        waits = [0.0]
+        if self.rpm and len(self._sent) >= self.rpm:
+            waits.append(self._sent[-self.rpm][0] + self.WINDOW - now)
+        if self.tpm and self._sent:
+            used, released = sum(t for _, t in self._sent), 0
+            for started, used_by in self._sent:  # wait until enough of the window's tokens have aged out
+                if used - released + tokens <= self.tpm:
+                    break
+                released += used_by
+                waits.append(started + self.WINDOW - now)
+        return max(waits)
+
+    def settle(self, entry: list, tokens: int) -> None:
+        with self._lock:
+            entry[1] = tokens
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+class Ledger:
+    """Outcomes of finished requests of one ``scope`` (a stage's parent run), durable in the state database.
+
+    :meth:`record` buffers; a daemon thread writes the buffer every ``flush_seconds`` (0: every record at once),
+    and :meth:`flush` / :meth:`close` write what is left.
+    """
+
+    def __init__(self, url: str, scope: str, flush_seconds: float):
+        self.engine = make_engine(url)
+        create_table(self.engine, _ledger)
+        self.scope, self.flush_seconds = scope, flush_seconds
+        self._buffer: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._flush_loop, name="llm-ledger", daemon=True)
+        if flush_seconds > 0:
+            self._thread.start()
+
+    def lookup(self, keys: list[str]) -> dict[str, dict]:
+        found: dict[str, dict] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), 500):
+                query = select(_ledger.c.key, _ledger.c.outcome).where(
+                    _ledger.c.scope == self.scope, _ledger.c.key.in_(keys[i:i + 500]))
+                found.update({key: json.loads(outcome) for key, outcome in conn.execute(query)})
+        with self._lock:
+            found.update({key: outcome for key, outcome in self._buffer.items() if key in keys})
+        return found
+
+    def record(self, key: str, outcome: dict) -> None:
+        with self._lock:
+            self._buffer[key] = outcome
+        if self.flush_seconds <= 0:
+            self.flush()
+        faults.failpoint("llm_request")
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._buffer = self._buffer, {}
+        if not rows:
+            return
+        values = [{"scope": self.scope, "key": key, "outcome": json.dumps(outcome, ensure_ascii=False)}
+                  for key, outcome in rows.items()]
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(_ledger).values(values)
+        statement = statement.on_conflict_do_update(index_elements=["scope", "key"],
+                                                    set_={"outcome": statement.excluded.outcome})
+        with self.engine.begin() as conn:
+            conn.execute(statement)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.flush_seconds):
+            try:
+                self.flush()
+            except Exception as exc:  # noqa: BLE001 - keep the buffer for the next round; never die
+                logger.warning("llm ledger flush failed, will retry: %s", str(exc).splitlines()[0])
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+        self.engine.dispose()
+
+
+# ---------------------------------------------------------------- the client
+
+
+@dataclass
+class Client:
+    """Sends the requests of one stage run: concurrently, within rate limits, retried, each recorded once."""
+
+    cfg: LLMSettings
+    ledger: Ledger
+
+    def __post_init__(self) -> None:
+        self._openai = openai.OpenAI(base_url=self.cfg.base_url, api_key=api_key(self.cfg.api_key_env),
+                                     max_retries=0, timeout=self.cfg.request_timeout)
+        self._limiter = RateLimiter(self.cfg.requests_per_minute, self.cfg.tokens_per_minute)
+        self.sent = 0  # requests sent by this process (including retries)
+
+    def answer(self, requests: list[dict]) -> pd.DataFrame:
+        """One row of :data:`COLUMNS` per request, in order: from the ledger where it holds the outcome (a
+        failure only unless ``retry_failed``), else from the endpoint."""
+        keys = [request_key(r) for r in requests]
+        known = self.ledger.lookup(keys)
+        if self.cfg.retry_failed:
+            known = {k: v for k, v in known.items() if not v["error"]}
+        todo = {k: r for k, r in zip(keys, requests) if k not in known}
+        if len(known):
+            logger.info("llm: %d of %d requests answered before (ledger), sending %d", len(set(keys) & set(known)),
+                        len(keys), len(todo))
+        with ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="llm") as pool:
+            futures = {k: pool.submit(self._send, k, r) for k, r in todo.items()}
+            try:
+                known.update({k: f.result() for k, f in futures.items()})
+            except BaseException:  # interrupted: let requests in flight return and be recorded, send no more
+                pool.shutdown(wait=True, cancel_futures=True)
+                self.ledger.flush()
+                raise
+        self.ledger.flush()
+        return pd.DataFrame([known[k] for k in keys], columns=list(COLUMNS))
+
+    def _send(self, key: str, request: dict) -> dict:
+        estimate = sum(len(m["content"]) for m in request["messages"]) // 3 + request["max_tokens"]
+        started, retries = time.monotonic(), 0
+        while True:
+            slot = self._limiter.acquire(estimate)
+            self.sent += 1
+            try:
+                reply = self._openai.chat.completions.create(**request)
+            except FATAL as exc:
+                raise ConfigError(f"{self.cfg.base_url} refused the request ({_describe(exc)}): check api_key_env, "
+                                  f"base_url and llm_model={self.cfg.llm_model}") from None
+            except RETRIED as exc:
+                if retries >= self.cfg.max_retries:
+                    return self._record(key, _outcome(error=_describe(exc), retries=retries))
+                retries += 1
+                time.sleep(_backoff(exc, retries))
+                continue
+            except openai.APIStatusError as exc:  # 400 and the like: this request will never succeed
+                return self._record(key, _outcome(error=_describe(exc), retries=retries))
+            usage = reply.usage
+            self._limiter.settle(slot, usage.total_tokens if usage else estimate)
+            return self._record(key, _outcome(
+                response=reply.choices[0].message.content or "", retries=retries,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+                latency_s=round(time.monotonic() - started, 4)))
+
+    def _record(self, key: str, outcome: dict) -> dict:
+        self.ledger.record(key, outcome)
+        return outcome
+
+
+def _outcome(response: str = "", prompt_tokens: int = 0, completion_tokens: int = 0, latency_s: float = 0.0,
+             error: str = "", retries: int = 0) -> dict:
+    return {"response": response, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "latency_s": latency_s, "error": error, "retries": retries}
+
+
+def _describe(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    text = f"{type(exc).__name__}" + (f" {status}" if status else "")
+    message = getattr(exc, "message", "") or str(exc)
+    return f"{text}: {message.splitlines()[0][:300]}" if message else text
+
+
+def _backoff(exc: Exception, attempt: int) -> float:
+    """Seconds before retry ``attempt``: the server's ``retry-after`` if it sent one, else 2^attempt / 2 with
+    jitter, capped at a minute."""
+    response = getattr(exc, "response", None)
+    header = response.headers.get("retry-after") if response is not None else None
+    try:
+        if header is not None:
+            return min(float(header), MAX_BACKOFF)
+    except ValueError:
+        pass
+    return min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF) * random.uniform(0.5, 1.0)
+
+
+def statistics(responses: pd.DataFrame, cfg: LLMSettings) -> dict[str, float]:
+    """The run's metrics over all its requests (the same after a resume: answers come from the ledger)."""
+    ok = responses[responses["error"].fillna("") == ""]
+    prompt, completion = int(responses["prompt_tokens"].sum()), int(responses["completion_tokens"].sum())
+    metrics = {"requests": len(responses), "failures": len(responses) - len(ok),
+               "retries": int(responses["retries"].sum()), "prompt_tokens": prompt, "completion_tokens": completion,
+               "total_tokens": prompt + completion}
+    if len(ok):
+        metrics |= {"latency_p50_s": float(ok["latency_s"].quantile(0.5)),
+                    "latency_p95_s": float(ok["latency_s"].quantile(0.95))}
+    if cfg.price_per_1k_input or cfg.price_per_1k_output:
+        metrics["cost"] = prompt / 1000 * cfg.price_per_1k_input + completion / 1000 * cfg.price_per_1k_output
+    return metrics

@@ -1,0 +1,202 @@
+"""`validate`: score a model (``model_uri``) or another run's predictions (``predictions_from``) against the
+true labels or reference summaries, shard by shard (pipelines/shards.py).
+
+Running metrics are logged at step = items done; at the end the parent run gets the final metrics, ``scores.csv``
+(one row per item), ``worst_examples.csv`` and, for classification, ``per_class.csv`` and ``confusion_matrix.png``.
+Predictions without their references (from `predict` or `llm`) are joined to ``data`` by ``row_id``; ``data``
+must then be the very file those predictions were made for (checked against the source run's data digest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, classification_report, f1_score
+
+from pipelines.config import ConfigError, NotFound, ValidateConfig
+from pipelines.data import DataError, Dataset, content_digest, read_table
+from pipelines.models import ModelSource
+from pipelines.rouge import SCORE_COLUMNS, check_tokenizer, score_rows
+from pipelines.shards import Shards, finish
+from pipelines.stages.contract import open_stage, recorded_settings
+from pipelines.stages.predict import load_model
+from pipelines.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+SCORES, WORST, PER_CLASS, CONFUSION = "scores.csv", "worst_examples.csv", "per_class.csv", "confusion_matrix.png"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a stage keeps its predictions, and which columns hold the prediction and (if any) the truth."""
+
+    artifact: str
+    prediction: dict[str, str]  # task -> column
+    truth: dict[str, str]  # task -> column; empty: join the truth from `data` by row_id
+
+
+SOURCES = {
+    "kfold": Source("oof_predictions.csv", {"classification": "predicted", "summarization": "generated"},
+                    {"classification": "label", "summarization": "reference"}),
+    "train": Source("predictions.csv", {"classification": "predicted", "summarization": "generated"},
+                    {"classification": "label", "summarization": "reference"}),
+    "predict": Source("predictions.csv", {"classification": "label", "summarization": "generated"}, {}),
+    "llm": Source("responses.csv", {"classification": "response", "summarization": "response"}, {}),
+    "correct": Source("corrected.csv", {"classification": "corrected", "summarization": "corrected"},
+                      {"summarization": "reference"}),
+}
+
+
+def run(cfg: ValidateConfig) -> dict[str, float]:
+    with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-val-") as tmp:
+        if cfg.model_uri:
+            model = load_model(cfg, Path(tmp))
+            cfg, source, items = model.cfg, model.source, references(cfg, cfg.data)
+            work = lambda rows: score(cfg, rows.assign(prediction=predicted(cfg, model, rows)))  # noqa: E731
+        else:
+            source, items = predictions_of(cfg, tracker, Path(tmp))
+            work = lambda rows: score(cfg, rows)  # noqa: E731
+        if cfg.task == "summarization":
+            check_tokenizer(items["reference"], cfg.rouge_tokenizer, "the references")
+        data = Dataset(frame=items, labels=[], digest=content_digest(items, list(items.columns)))
+        ctx = open_stage("validate", cfg, data, source, tracker)
+        shards = Shards(ctx, items, cfg.shard_size, Path(tmp) / "shards", read=read_scores)
+        scores = shards.run(work, running=lambda frame: summary(cfg, frame))
+        metrics = summary(cfg, scores)
+        finish(ctx, {SCORES: scores, WORST: worst(cfg, scores), **reports(cfg, scores, ctx, Path(tmp))}, metrics)
+    logger.info("validate run %s: %d items, %s", ctx.parent_id, len(scores), metrics)
+    return metrics
+
+
+def references(cfg: ValidateConfig, path: str) -> pd.DataFrame:
+    """``row_id``, ``text`` and ``reference`` (the true label or summary) of every row of ``data``."""
+    frame = read_table(path)
+    truth = cfg.label_column if cfg.task == "classification" else cfg.target_column
+    setting = "label_column" if cfg.task == "classification" else "target_column"
+    for column, name in ((cfg.text_column, "text_column"), (truth, setting)):
+        if column not in frame.columns:
+            raise DataError(f"{path} has no column {column!r}; its columns are {list(frame.columns)}. "
+                            f"Pass {name}=<one of them>.")
+    return pd.DataFrame({"row_id": np.arange(len(frame)), "text": frame[cfg.text_column].fillna("").astype(str),
+                         "reference": frame[truth].fillna("").astype(str)})
+
+
+def predicted(cfg: ValidateConfig, model, rows: pd.DataFrame) -> pd.Series:
+    """What ``model`` predicts for ``rows``: its label (classifier) or summary (summarizer)."""
+    output = model.predict(rows[["text"]])
+    column = "generated" if cfg.task == "summarization" else "label"
+    if column not in output.columns:
+        kind = "a summarizer" if "generated" in output.columns else "a classifier"
+        raise ConfigError(f"model_uri={cfg.model_uri} is {kind}, not a task={cfg.task} model: pass the other task")
+    return output[column].to_numpy()
+
+
+def predictions_of(cfg: ValidateConfig, tracker: Tracker, tmp: Path) -> tuple[ModelSource, pd.DataFrame]:
+    """The source run's predictions as ``row_id``, ``prediction``, ``reference`` (and ``text`` when known)."""
+    run = tracker.get_run(cfg.predictions_from)
+    stage = run.data.tags.get("stage", "")
+    if stage not in SOURCES:
+        raise NotFound(f"predictions_from={cfg.predictions_from} is a {stage or 'non-stage'} run; pass a "
+                       f"{', '.join(SOURCES)} run id")
+    used, spec = recorded_settings(tracker, cfg.predictions_from), SOURCES[stage]
+    if used.get("task", cfg.task) != cfg.task:
+        raise ConfigError(f"run {cfg.predictions_from} is a task={used['task']} run; pass task={used['task']}")
+    try:
+        frame = pd.read_csv(tracker.download(cfg.predictions_from, spec.artifact, tmp), keep_default_na=False,
+                            dtype=str)
+    except Exception:  # noqa: BLE001 - missing artifact
+        raise NotFound(f"run {cfg.predictions_from} has no {spec.artifact}: is it finished?") from None
+    column = cfg.prediction_column or spec.prediction[cfg.task]
+    if column not in frame.columns:
+        raise ConfigError(f"{spec.artifact} of run {cfg.predictions_from} has no column {column!r}; its columns are "
+                          f"{list(frame.columns)}: pass prediction_column=<one of them>")
+    out = pd.DataFrame({"row_id": frame["row_id"].astype(int), "prediction": frame[column]})
+    truth = spec.truth.get(cfg.task)
+    if truth:
+        out["reference"] = frame[truth]
+        out["text"] = frame["source"] if "source" in frame.columns else ""
+    else:
+        out = _join_data(cfg, out, run, stage, used)
+    identity = f"run:{cfg.predictions_from}:{spec.artifact}:{column}"
+    return ModelSource(cfg.predictions_from, "", identity), out[["row_id", "text", "reference", "prediction"]]
+
+
+def _join_data(cfg: ValidateConfig, predictions: pd.DataFrame, run, stage: str, used: dict) -> pd.DataFrame:
+    """The references of ``data`` joined by row_id, once ``data`` is shown to be the file the run predicted for."""
+    data = references(dataclasses.replace(cfg, text_column=used["text_column"]), cfg.data)
+    if _digest_as(stage, used, cfg.data) != run.data.tags.get("data_digest"):
+        raise DataError(f"data={cfg.data} is not the file {stage} run {run.info.run_id} made its predictions for (its "
+                        "content differs): pass the same data file, or validate a fresh run of that file")
+    return predictions.merge(data, on="row_id", how="left", validate="one_to_one")
+
+
+def _digest_as(stage: str, used: dict, path: str) -> str:
+    """The data digest the ``stage`` run computed for ``path`` with its recorded settings."""
+    frame = read_table(path)
+    if stage == "llm":
+        from pipelines.stages.llm import prompt_items
+
+        items = prompt_items(frame, path, used["text_column"], used["prompt_template"])
+    else:
+        items = pd.DataFrame({"row_id": np.arange(len(frame)), "text": frame[used["text_column"]].fillna("")
+                              .astype(str)})
+    return content_digest(items, list(items.columns))
+
+
+def score(cfg: ValidateConfig, rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per item: its prediction, reference and score(s)."""
+    rows = rows[["row_id", "text", "reference", "prediction"]].reset_index(drop=True)
+    if cfg.task == "summarization":
+        return pd.concat([rows, score_rows(rows["reference"], rows["prediction"], cfg.rouge_tokenizer)], axis=1)
+    return rows.assign(correct=(rows["prediction"].astype(str) == rows["reference"].astype(str)).astype(int))
+
+
+def summary(cfg: ValidateConfig, scores: pd.DataFrame) -> dict[str, float]:
+    if cfg.task == "summarization":
+        return {column: float(scores[column].mean()) for column in SCORE_COLUMNS}
+    truth, predicted = scores["reference"].astype(str), scores["prediction"].astype(str)
+    return {"accuracy": float(accuracy_score(truth, predicted)),
+            "f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0))}
+
+
+def worst(cfg: ValidateConfig, scores: pd.DataFrame) -> pd.DataFrame:
+    key = "rouge_mean" if cfg.task == "summarization" else "correct"
+    return scores.sort_values([key, "row_id"], kind="stable").head(cfg.worst_examples)
+
+
+def reports(cfg: ValidateConfig, scores: pd.DataFrame, ctx, tmp: Path) -> dict[str, pd.DataFrame]:
+    """Classification: the per-class report (returned, to log as CSV) and the confusion matrix (logged here)."""
+    if cfg.task != "classification":
+        return {}
+    truth, predicted = scores["reference"].astype(str), scores["prediction"].astype(str)
+    report = classification_report(truth, predicted, output_dict=True, zero_division=0)
+    per_class = pd.DataFrame(report).T.rename_axis("class").reset_index()
+    _confusion_plot(truth, predicted, tmp / CONFUSION)
+    ctx.tracker.upload(ctx.parent_id, tmp / CONFUSION)
+    return {PER_CLASS: per_class}
+
+
+def _confusion_plot(truth: pd.Series, predicted: pd.Series, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    labels = sorted(set(truth) | set(predicted))
+    display = ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=labels, xticks_rotation=45,
+                                                      colorbar=False)
+    display.figure_.set_size_inches(max(4, len(labels)), max(4, len(labels)))
+    display.figure_.tight_layout()
+    display.figure_.savefig(path, dpi=100)
+    plt.close(display.figure_)
+
+
+def read_scores(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"text": str, "reference": str, "prediction": str}, keep_default_na=False)
