@@ -220,7 +220,7 @@ class Client:
         self._openai = openai.OpenAI(base_url=self.cfg.base_url, api_key=api_key(self.cfg.api_key_env),
                                      max_retries=0, timeout=self.cfg.request_timeout)
         self._limiter = RateLimiter(self.cfg.requests_per_minute, self.cfg.tokens_per_minute)
-        self.sent = 0  # requests sent by this process (including retries)
+        self._stopping = threading.Event()  # set when interrupted: requests in flight finish, nothing new is sent
 
     def answer(self, requests: list[dict]) -> pd.DataFrame:
         """One row of :data:`COLUMNS` per request, in order: from the ledger where it holds the outcome (a
@@ -238,6 +238,7 @@ class Client:
             try:
                 known.update({k: f.result() for k, f in futures.items()})
             except BaseException:  # interrupted: let requests in flight return and be recorded, send no more
+                self._stopping.set()
                 pool.shutdown(wait=True, cancel_futures=True)
                 self.ledger.flush()
                 raise
@@ -248,8 +249,9 @@ class Client:
         estimate = sum(len(m["content"]) for m in request["messages"]) // 3 + request["max_tokens"]
         started, retries = time.monotonic(), 0
         while True:
+            if self._stopping.is_set():
+                return {}  # not sent (again): a resumed run sends it
             slot = self._limiter.acquire(estimate)
-            self.sent += 1
             try:
                 reply = self._openai.chat.completions.create(**request)
             except FATAL as exc:

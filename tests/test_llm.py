@@ -7,6 +7,7 @@ no request whose answer had come back before the kill.
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import subprocess
 import time
@@ -198,3 +199,23 @@ def test_rate_limiter_holds_tokens_per_minute():
         starts.append(time.monotonic())
     assert all(40 * sum(1 for t in starts if s <= t < s + 1.0) <= 100 for s in starts)
     assert starts[-1] - starts[0] >= 2.0
+
+
+def test_sigterm_records_every_answer_that_came_back(server, tmp_path):
+    """With the default flush_seconds=10, a SIGTERM still writes every returned answer to the ledger before exit."""
+    env, data = llm_env(tmp_path), make_items(tmp_path / "items.csv", 200)
+    server.latency = 0.05
+    args = {**args_for(server, data, "term"), "flush_seconds": 10}
+    proc = subprocess.Popen(entrypoint("llm", args), env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while server.total < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert server.total < 200, "the run finished before the signal: nothing was tested"
+    assert len(ledger_keys(tmp_path)) == sum(server.completed.values())
+    resumed = run_entrypoint("llm", {**args, "resume": "true"}, env, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert len(server.received) == 200 and set(server.received.values()) == {1}
