@@ -144,6 +144,8 @@ class StageConfig(Coordinated):
         "", "Optuna parent run id (or 'latest' in the experiment) whose best parameters replace these settings.",
         result=False,  # the parameters it brings are in the fingerprint
     )
+    augment_from: str = setting("", "Run id of an augment run: each training set gets the augmentations of its own "
+                                "rows (never of a validation row).")
     # ---- summarization (seq2seq): pipelines/tasks/summarization.py
     target_column: str = setting("summary", "Column holding the reference summary.", task="summarization")
     group_column: str = setting("", "Rows sharing a value here (a dialogue, a topic) are never split between "
@@ -551,3 +553,47 @@ class ValidateConfig(PredictConfig):
             if not self.applies(f) and getattr(self, f.name) != f.default:
                 raise ConfigError(f"{f.name} is a {f.metadata['task']} setting and does nothing with "
                                   f"task={self.task}; remove it, or pass task={f.metadata['task']}")
+
+
+AUGMENTATION_METHODS = ("eda", "back_translation", "paraphrase", "llm_paraphrase")
+
+
+@dataclass
+class AugmentConfig(LLMSettings, BatchConfig):
+    """`augment`: new training rows made from the text of existing ones (EDA, back-translation, paraphrase)."""
+
+    augmentation_methods: str = setting("eda", f"Comma-separated methods: {', '.join(AUGMENTATION_METHODS)}.")
+    augmentation_ratio: float = setting(1.0, "Fraction of rows (chosen by seed) that get augmentations.")
+    per_method: int = setting(1, "Augmentations per chosen row by eda (the model and LLM methods make one each).")
+    eda_operations: str = setting("delete,swap,insert,punctuation", "EDA operations, used in turn.")
+    eda_alpha: float = setting(0.1, "EDA strength: share of the words deleted, swapped, inserted or punctuated.")
+    bt_forward_model: str = setting("", "back_translation: model translating into the pivot language (a "
+                                    "Marian/M2M/NLLB-style seq2seq folder or hub id).")
+    bt_backward_model: str = setting("", "back_translation: model translating back from the pivot language.")
+    paraphrase_model: str = setting("", "paraphrase: a seq2seq paraphrasing model.")
+    augment_max_new_tokens: int = setting(128, "Most tokens a translation or paraphrase model generates.")
+    augment_num_beams: int = setting(4, "Beam width of the translation and paraphrase models.")
+    paraphrase_prompt: str = setting("Rewrite the following text in the same language with other words, keeping "
+                                     "its meaning. Answer with the rewritten text only.\n\n{text}",
+                                     "llm_paraphrase: the prompt ({text} and other columns), inline or a file.")
+    seed: int = setting(42, "Seed of the row choice and of EDA.")
+    eval_batch_size: int = setting(16, "Batch size of the translation and paraphrase models.", result=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = sorted(set(self.methods()) - set(AUGMENTATION_METHODS))
+        if unknown or not self.methods():
+            raise ConfigError(f"augmentation_methods={self.augmentation_methods!r}: {unknown or 'empty'}; pass any of "
+                              f"{', '.join(AUGMENTATION_METHODS)}")
+        if not 0 < self.augmentation_ratio <= 1 or self.per_method < 1:
+            raise ConfigError("augmentation_ratio must be in (0, 1] and per_method at least 1")
+        if "back_translation" in self.methods() and not (self.bt_forward_model and self.bt_backward_model):
+            raise ConfigError("back_translation needs bt_forward_model and bt_backward_model (e.g. "
+                              "Helsinki-NLP/opus-mt-ko-en and Helsinki-NLP/opus-mt-en-ko)")
+        if "paraphrase" in self.methods() and not self.paraphrase_model:
+            raise ConfigError("paraphrase needs paraphrase_model=<a seq2seq paraphrasing model>")
+        if "llm_paraphrase" in self.methods():
+            self.check_llm()
+
+    def methods(self) -> list[str]:
+        return [m.strip() for m in self.augmentation_methods.split(",") if m.strip()]

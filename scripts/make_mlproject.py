@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import (
+    AugmentConfig,
     DEFAULT_DATA,
     EnsembleConfig,
     KFoldConfig,
@@ -33,6 +34,7 @@ ENTRY_POINTS: dict[str, tuple[type[Settings], str]] = {
     "predict": (PredictConfig, "predict.py"),
     "llm": (LlmConfig, "llm.py"),
     "validate": (ValidateConfig, "validate.py"),
+    "augment": (AugmentConfig, "augment.py"),
 }
 SKIPPED = {"experiment_name"}  # `mlflow run --experiment-name` sets it
 
@@ -42,7 +44,7 @@ def _default(f: dataclasses.Field) -> str:
         return str(Path(DEFAULT_DATA).relative_to(ROOT))
     if isinstance(f.default, bool):
         return str(f.default).lower()
-    return repr(f.default) if f.default == "" else str(f.default)
+    return repr(f.default) if f.default == "" else str(f.default).replace("\n", "\\n")
 
 
 def render() -> str:

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 
 from pipelines.checkpoints import CheckpointStore
 from pipelines.leases import Lease
+from pipelines.stages.augmented import with_augmentations
 from pipelines.stages.contract import StageContext
 from pipelines.tracking import Tracker
 from pipelines.training import FitResult, fit
@@ -78,6 +79,7 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
 
     ``lease``: the unit's lease (None where another mechanism owns the unit, e.g. an Optuna trial).
     """
+    train = with_augmentations(ctx, run_id, train)
     store = CheckpointStore(ctx.tracker, run_id, ctx.fingerprint)
     with tempfile.TemporaryDirectory(prefix="pipelines-unit-") as work:
         result = fit(ctx.cfg, ctx.task, ctx.model, ctx.data, train, valid, ctx.tracker, run_id, store, Path(work),
