@@ -597,3 +597,43 @@ class AugmentConfig(LLMSettings, BatchConfig):
 
     def methods(self) -> list[str]:
         return [m.strip() for m in self.augmentation_methods.split(",") if m.strip()]
+
+
+@dataclass
+class CorrectConfig(LLMSettings, BatchConfig):
+    """`correct`: post-correction of a run's generated summaries by other models, a vote, or an LLM."""
+
+    predictions_from: str = setting("", "Run id whose summaries are corrected (kfold, train, predict, llm...).")
+    prediction_column: str = setting("", "Column of those predictions; empty: the source stage's own.")
+    target_column: str = setting("summary", "Column of `data` with reference summaries, if any (then ROUGE before "
+                                 "and after is logged).")
+    correction_models: str = setting("", "Comma-separated seq2seq checkpoints that each summarize the source into "
+                                     "a candidate (quality_based, vote).")
+    correction_strategy: str = setting("quality_based", "quality_based: replace a summary whose agreement score "
+                                       "is below correction_threshold by a better-scoring candidate; vote: the "
+                                       "minimum-Bayes-risk candidate; llm: ask the LLM to fix the summary.",
+                                       choices=("quality_based", "vote", "llm"))
+    correction_threshold: float = setting(0.3, "quality_based: agreement score under which a summary is replaced.")
+    correction_prompt: str = setting("Correct the factual and grammatical errors in this summary of the text, "
+                                     "keeping its language. Answer with the corrected summary only.\n\nText: "
+                                     "{text}\n\nSummary: {summary}", "llm: the prompt ({text}: source, {summary}: "
+                                     "the summary), inline or a file.")
+    rouge_tokenizer: str = setting("whitespace", "How ROUGE splits text for scores and votes.",
+                                   choices=ROUGE_TOKENIZERS)
+    max_source_length: int = setting(512, "Source tokens the correction models read.")
+    augment_max_new_tokens: int = setting(64, "Most tokens a correction model generates.")
+    augment_num_beams: int = setting(4, "Beam width of the correction models.")
+    eval_batch_size: int = setting(16, "Batch size of the correction models.", result=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.predictions_from:
+            raise ConfigError("predictions_from is empty: pass the run id whose summaries to correct")
+        if self.correction_strategy == "llm":
+            self.check_llm()
+        elif not self.models():
+            raise ConfigError(f"correction_strategy={self.correction_strategy} needs correction_models=<seq2seq "
+                              "checkpoint>[,<checkpoint>...]")
+
+    def models(self) -> list[str]:
+        return [m.strip() for m in self.correction_models.split(",") if m.strip()]

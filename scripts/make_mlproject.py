@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pipelines.config import (
+    CorrectConfig,
     AugmentConfig,
     DEFAULT_DATA,
     EnsembleConfig,
@@ -35,6 +36,7 @@ ENTRY_POINTS: dict[str, tuple[type[Settings], str]] = {
     "llm": (LlmConfig, "llm.py"),
     "validate": (ValidateConfig, "validate.py"),
     "augment": (AugmentConfig, "augment.py"),
+    "correct": (CorrectConfig, "correct.py"),
 }
 SKIPPED = {"experiment_name"}  # `mlflow run --experiment-name` sets it
 

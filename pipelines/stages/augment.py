@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import random
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,7 +51,7 @@ def run(cfg: AugmentConfig) -> dict[str, float]:
         source = ModelSource("+".join(m.name for m in models.values()) or "eda", "",
                              "|".join(f"{k}={m.digest}" for k, m in models.items()))
         ctx = open_stage("augment", cfg, data, source, tracker)
-        with Session(ctx, cfg) if "llm_paraphrase" in cfg.methods() else _NoSession() as session:
+        with Session(ctx, cfg) if "llm_paraphrase" in cfg.methods() else nullcontext() as session:
             makers = Makers(cfg, models, session)
             new = Shards(ctx, items, cfg.shard_size, Path(tmp) / "shards", read=_read).run(makers.augment)
         augmented = assemble(frame, new, cfg.text_column)
@@ -78,14 +79,6 @@ def model_settings(cfg: AugmentConfig) -> list[str]:
     methods = cfg.methods()
     return ((["bt_forward_model", "bt_backward_model"] if "back_translation" in methods else [])
             + (["paraphrase_model"] if "paraphrase" in methods else []))
-
-
-class _NoSession:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info) -> None:
-        return None
 
 
 class Makers:
@@ -133,11 +126,17 @@ class Makers:
         return [(r, a.strip()) for r, a, e in zip(rows["row_id"], answers["response"], answers["error"]) if not e]
 
     def _generate(self, name: str, texts: list[str]) -> list[str]:
-        network, tokenizer = self.networks[name]
-        settings = {"max_new_tokens": self.cfg.augment_max_new_tokens, "num_beams": self.cfg.augment_num_beams,
-                    "min_new_tokens": 0, "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0}
-        config = generation_config(network, SimpleNamespace(**settings))
-        return generate(network, tokenizer, texts, config, self.cfg.eval_batch_size)
+        return rewrite(self.networks[name], texts, self.cfg)
+
+
+def rewrite(loaded: tuple, texts: list[str], cfg, max_length: int | None = None) -> list[str]:
+    """What a loaded seq2seq model (network, tokenizer) generates for ``texts``: beam search of
+    ``augment_num_beams`` beams, at most ``augment_max_new_tokens`` tokens, nothing sampled."""
+    network, tokenizer = loaded
+    settings = {"max_new_tokens": cfg.augment_max_new_tokens, "num_beams": cfg.augment_num_beams,
+                "min_new_tokens": 0, "repetition_penalty": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0}
+    config = generation_config(network, SimpleNamespace(**settings))
+    return generate(network, tokenizer, texts, config, cfg.eval_batch_size, max_length)
 
 
 def assemble(frame: pd.DataFrame, new: pd.DataFrame, text_column: str) -> pd.DataFrame:

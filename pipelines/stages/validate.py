@@ -74,11 +74,14 @@ def run(cfg: ValidateConfig) -> dict[str, float]:
     return metrics
 
 
-def references(cfg: ValidateConfig, path: str) -> pd.DataFrame:
-    """``row_id``, ``text`` and ``reference`` (the true label or summary) of every row of ``data``."""
+def references(cfg: ValidateConfig, path: str, require_truth: bool = True) -> pd.DataFrame:
+    """``row_id``, ``text`` and ``reference`` (the true label or summary; empty if ``data`` has none and
+    ``require_truth`` is off) of every row of ``data``."""
     frame = read_table(path)
     truth = cfg.label_column if cfg.task == "classification" else cfg.target_column
     setting = "label_column" if cfg.task == "classification" else "target_column"
+    if not require_truth and truth not in frame.columns:
+        frame = frame.assign(**{truth: ""})
     for column, name in ((cfg.text_column, "text_column"), (truth, setting)):
         if column not in frame.columns:
             raise DataError(f"{path} has no column {column!r}; its columns are {list(frame.columns)}. "
@@ -97,7 +100,8 @@ def predicted(cfg: ValidateConfig, model, rows: pd.DataFrame) -> pd.Series:
     return output[column].to_numpy()
 
 
-def predictions_of(cfg: ValidateConfig, tracker: Tracker, tmp: Path) -> tuple[ModelSource, pd.DataFrame]:
+def predictions_of(cfg: ValidateConfig, tracker: Tracker, tmp: Path,
+                   require_truth: bool = True) -> tuple[ModelSource, pd.DataFrame]:
     """The source run's predictions as ``row_id``, ``prediction``, ``reference`` (and ``text`` when known)."""
     run = tracker.get_run(cfg.predictions_from)
     stage = run.data.tags.get("stage", "")
@@ -122,14 +126,15 @@ def predictions_of(cfg: ValidateConfig, tracker: Tracker, tmp: Path) -> tuple[Mo
         out["reference"] = frame[truth]
         out["text"] = frame["source"] if "source" in frame.columns else ""
     else:
-        out = _join_data(cfg, out, run, stage, used)
+        out = _join_data(cfg, out, run, stage, used, require_truth)
     identity = f"run:{cfg.predictions_from}:{spec.artifact}:{column}"
     return ModelSource(cfg.predictions_from, "", identity), out[["row_id", "text", "reference", "prediction"]]
 
 
-def _join_data(cfg: ValidateConfig, predictions: pd.DataFrame, run, stage: str, used: dict) -> pd.DataFrame:
+def _join_data(cfg: ValidateConfig, predictions: pd.DataFrame, run, stage: str, used: dict,
+               require_truth: bool) -> pd.DataFrame:
     """The references of ``data`` joined by row_id, once ``data`` is shown to be the file the run predicted for."""
-    data = references(dataclasses.replace(cfg, text_column=used["text_column"]), cfg.data)
+    data = references(dataclasses.replace(cfg, text_column=used["text_column"]), cfg.data, require_truth)
     if _digest_as(stage, used, cfg.data) != run.data.tags.get("data_digest"):
         raise DataError(f"data={cfg.data} is not the file {stage} run {run.info.run_id} made its predictions for (its "
                         "content differs): pass the same data file, or validate a fresh run of that file")
