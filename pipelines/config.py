@@ -389,7 +389,7 @@ class OptunaConfig(KFoldConfig, TrainConfig):
 
 @dataclass
 class EnsembleConfig(Coordinated):
-    """`ensemble`: weighted soft voting over kfold/train runs, registered as one pyfunc model."""
+    """`ensemble`: classifiers: weighted soft voting; summarizers: per input the minimum-Bayes-risk summary of the members; registered as one pyfunc model."""
 
     source_runs: str = setting("", "Comma-separated run ids: a kfold parent (all its folds) or a train run.")
     weights: str = setting("score", "score: normalised validation metrics; equal; optimized: fitted on OOF.",

@@ -41,3 +41,29 @@ def predict_proba(members: list[Member], texts: list[str], batch_size: int = 64)
         probs = np.concatenate(parts) * member.weight
         total = probs if total is None else total + probs
     return total / sum(m.weight for m in members)
+
+
+@dataclass
+class Summarizer:
+    network: torch.nn.Module
+    tokenizer: object
+    config: object  # GenerationConfig: the one the model was trained and validated with
+    max_length: int
+
+
+def load_summarizer_member(path: str | Path, max_length: int) -> Summarizer:
+    """A seq2seq model saved by `train`/`kfold`, with its own saved generation settings."""
+    from pipelines.tasks.summarization import load_summarizer
+
+    network, tokenizer = load_summarizer(path)
+    return Summarizer(network, tokenizer, network.generation_config, max_length)
+
+
+def summarize_all(members: list[Summarizer], texts: list[str], batch_size: int, rouge_tokenizer: str) -> tuple:
+    """Each member's summary of each text, then per text the minimum-Bayes-risk choice: (summaries, chosen)."""
+    from pipelines.mbr import mbr_choice
+    from pipelines.tasks.summarization import generate
+
+    outputs = [generate(m.network, m.tokenizer, texts, m.config, batch_size, m.max_length) for m in members]
+    chosen = [mbr_choice([out[i] for out in outputs], rouge_tokenizer) for i in range(len(texts))]
+    return [outputs[c][i] for i, c in enumerate(chosen)], chosen

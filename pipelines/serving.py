@@ -15,7 +15,7 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from pipelines.inference import load_member, predict_proba
+from pipelines.inference import load_member, load_summarizer_member, predict_proba, summarize_all
 
 SPEC = "ensemble.json"
 
@@ -31,6 +31,21 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         texts = validate_texts(model_input)
         probs = predict_proba(self.members, texts, self.batch_size)
         return prediction_frame(probs, self.labels)
+
+
+class SummaryEnsembleModel(mlflow.pyfunc.PythonModel):
+    """Member summarizers; per input, the summary with the highest mean ROUGE to the other members' (MBR)."""
+
+    def load_context(self, context):
+        spec = json.loads(Path(context.artifacts["spec"]).read_text())
+        self.batch_size, self.rouge_tokenizer = spec.get("batch_size", 16), spec["rouge_tokenizer"]
+        self.members = [load_summarizer_member(context.artifacts[m["name"]], m["max_length"])
+                        for m in spec["members"]]
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        summaries, chosen = summarize_all(self.members, validate_texts(model_input), self.batch_size,
+                                          self.rouge_tokenizer)
+        return pd.DataFrame({"summary": summaries, "member": chosen})
 
 
 def validate_texts(model_input) -> list[str]:

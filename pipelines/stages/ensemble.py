@@ -29,7 +29,9 @@ from sklearn.model_selection import train_test_split
 import pipelines
 from pipelines import faults
 from pipelines.config import EnsembleConfig, NotFound, UserError
-from pipelines.serving import SPEC, EnsembleModel, prediction_frame
+from pipelines.mbr import mbr_choice
+from pipelines.rouge import corpus_scores
+from pipelines.serving import SPEC, EnsembleModel, SummaryEnsembleModel, prediction_frame
 from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once
 from pipelines.stages.contract import open_run, recorded_settings, upload_json
 from pipelines.stages.kfold import OOF_ARTIFACT
@@ -61,6 +63,8 @@ class Source:
     fingerprint: str
     data_digest: str
     max_length: int  # as the source run recorded it in its config.json (the value its models were trained with)
+    task: str = "classification"
+    rouge_tokenizer: str = "whitespace"
 
     @property
     def labels(self) -> list[str]:
@@ -91,6 +95,9 @@ def run(cfg: EnsembleConfig) -> dict[str, float]:
 
 def _sources(tracker: Tracker, cfg: EnsembleConfig, tmp: Path) -> list[Source]:
     sources = [_source(tracker, run_id, cfg.metric, tmp) for run_id in cfg.source_ids()]
+    if len({s.task for s in sources}) > 1:
+        raise EnsembleError(f"the sources mix tasks ({', '.join(f'{s.run_id}: {s.task}' for s in sources)}): "
+                            "pass runs of one task")
     labels = sources[0].labels
     for source in sources[1:]:
         if source.labels != labels:
@@ -108,9 +115,8 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
         raise EnsembleError(f"source run {run_id} is a {stage or 'non-stage'} run with status {run.info.status}; "
                             "pass FINISHED kfold or train runs")
     settings = recorded_settings(tracker, run_id)
-    if settings.get("task", "classification") != "classification":
-        raise EnsembleError(f"source run {run_id} trained task={settings['task']}: ensemble soft-votes classifiers "
-                            "only so far; pass kfold or train runs of task=classification")
+    task = settings.get("task", "classification")
+    metric = metric if task == "classification" else "rouge_mean"
     if stage == "kfold":
         folds = sorted(tracker.child_runs(run_id, "fold").items(), key=lambda kv: int(kv[0]))
         members = [r.info.run_id for _, r in folds if r.info.status == "FINISHED"]
@@ -118,13 +124,15 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
     else:
         members, oof_path, score = [run_id], PREDICTIONS_ARTIFACT, run.data.metrics[f"final_{metric}"]
     try:
-        oof = pd.read_csv(tracker.download(run_id, oof_path, tmp / run_id), dtype={"label": str})
+        oof = pd.read_csv(tracker.download(run_id, oof_path, tmp / run_id), keep_default_na=False,
+                          dtype={c: str for c in ("label", "source", "reference", "generated")})
     except Exception as exc:  # noqa: BLE001 - missing or unreadable artifact
         raise EnsembleError(f"source run {run_id} has no readable {oof_path} ({exc})") from None
     # the value used is the value recorded: params may hold what `mlflow run -P` was given, not what was used
-    max_length = int(settings["max_length"])
+    max_length = int(settings["max_length" if task == "classification" else "max_source_length"])
     return Source(run_id, stage, members, oof.drop(columns=["fold", "predicted"], errors="ignore"), score,
-                  tags.get("fingerprint", ""), tags.get("data_digest", ""), max_length)
+                  tags.get("fingerprint", ""), tags.get("data_digest", ""), max_length, task,
+                  settings.get("rouge_tokenizer", "whitespace"))
 
 
 def fingerprint_inputs(cfg: EnsembleConfig, sources: list[Source]) -> dict:
@@ -159,6 +167,8 @@ def _publish(tracker: Tracker, run_id: str, cfg: EnsembleConfig, sources: list[S
 
 def _evaluate_and_log(tracker: Tracker, run_id: str, cfg: EnsembleConfig, sources: list[Source], tmp: Path) -> str:
     """Weights and metrics on the shared out-of-fold rows, then the pyfunc model; returns its URI."""
+    if sources[0].task == "summarization":
+        return _summary_evaluate_and_log(tracker, run_id, cfg, sources, tmp)
     labels = sources[0].labels
     rows, y, probs = _align(sources, labels)
     weights, report = _weights(cfg, sources, probs, y)
@@ -184,6 +194,34 @@ def _log_model(tracker: Tracker, run_id: str, cfg: EnsembleConfig, members: list
     example = pd.DataFrame({"text": ["an example sentence", "another one"]})
     output = prediction_frame(np.full((2, len(labels)), 1.0 / len(labels)), labels)
     return log_pyfunc(run_id, EnsembleModel(), {"spec": str(spec_path), **{m["name"]: m["path"] for m in members}},
+                      example, output, code_paths=[str(Path(pipelines.__file__).parent)])
+
+
+def _summary_evaluate_and_log(tracker: Tracker, run_id: str, cfg: EnsembleConfig, sources: list[Source],
+                              tmp: Path) -> str:
+    """Summarization: per input, the members' summary with the highest mean ROUGE to the others (minimum Bayes
+    risk). Scored on the shared out-of-fold rows with the sources' own OOF summaries as candidates."""
+    tokenizer = sources[0].rouge_tokenizer
+    rows = sorted(set.intersection(*(set(s.oof["row_id"]) for s in sources)))
+    frames = [s.oof.set_index("row_id").loc[rows] for s in sources]
+    candidates = [f["generated"].tolist() for f in frames]
+    chosen = [mbr_choice([c[i] for c in candidates], tokenizer) for i in range(len(rows))]
+    references = frames[0]["reference"].tolist()
+    metrics = {f"ensemble_{k}": v for k, v in corpus_scores(
+        references, [candidates[c][i] for i, c in enumerate(chosen)], tokenizer).items()}
+    for i, summaries in enumerate(candidates):
+        metrics.update({f"source{i}_{k}": v for k, v in corpus_scores(references, summaries, tokenizer).items()})
+    members = _download_members(tracker, sources, [1.0] * len(sources), cfg.skip_missing, tmp)
+    tracker.log_params(run_id, {"oof_rows": len(rows), "selection": "minimum Bayes risk (ROUGE)"})
+    log_once(tracker, run_id, metrics)
+    spec = {"rouge_tokenizer": tokenizer, "batch_size": cfg.eval_batch_size,
+            "members": [{k: m[k] for k in ("name", "run_id", "source", "max_length")} for m in members]}
+    upload_json(tracker, run_id, SPEC, spec)
+    (tmp / SPEC).write_text(json.dumps(spec, indent=2))
+    example = pd.DataFrame({"text": ["an example document", "another one"]})
+    output = pd.DataFrame({"summary": ["a summary", "another"], "member": [0, 0]})
+    return log_pyfunc(run_id, SummaryEnsembleModel(), {"spec": str(tmp / SPEC), **{m["name"]: m["path"]
+                                                                                     for m in members}},
                       example, output, code_paths=[str(Path(pipelines.__file__).parent)])
 
 

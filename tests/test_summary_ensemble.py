@@ -1,0 +1,74 @@
+"""`ensemble` for summarization: minimum-Bayes-risk selection among the fold models, registered, and served over
+real HTTP by `mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+from conftest import run_entrypoint, store_env
+from helpers import artifact_frame, parents
+from seq2seq_fixtures import make_tiny_bart, make_tiny_summaries
+from test_ensemble import _free_port, _post
+
+from pipelines.mbr import mbr_choice
+from pipelines.rouge import corpus_scores
+
+
+def test_summary_ensemble_is_registered_and_served(tmp_path):
+    env = store_env(tmp_path)
+    data = make_tiny_summaries(tmp_path / "ko.jsonl", rows=24, language="ko")
+    bart = make_tiny_bart(tmp_path / "bart")
+    kfold = {"experiment_name": "ens", "task": "summarization", "data": data, "text_column": "source", "model": bart,
+             "k_folds": 2, "epochs": 1, "batch_size": 8, "learning_rate": 3e-3, "max_source_length": 64,
+             "max_target_length": 16, "max_new_tokens": 8, "num_beams": 2}
+    assert run_entrypoint("kfold", kfold, env, tmp_path).returncode == 0
+    [source] = parents(env, "ens", "kfold")
+    done = run_entrypoint("ensemble", {"experiment_name": "ens", "source_runs": source.info.run_id,
+                                       "registered_model_name": "summaries"}, env, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [parent] = parents(env, "ens", "ensemble")
+    oof = artifact_frame(env, source.info.run_id, "oof_predictions.csv", tmp_path / "oof").fillna("")
+    expected = corpus_scores(oof["reference"], oof["generated"], "whitespace")  # one source: its own summaries
+    assert abs(parent.data.metrics["ensemble_rouge_mean"] - expected["rouge_mean"]) < 1e-12
+
+    port = _free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    server = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/summaries@champion",
+                               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+                              env={**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+        texts = pd.read_json(data, lines=True)["source"].head(3).tolist()
+        status, body = _post(port, json.dumps({"dataframe_records": [{"text": t} for t in texts]}).encode())
+        assert status == 200, body
+        predictions = json.loads(body)["predictions"]
+        assert len(predictions) == 3 and all(p["member"] in (0, 1) for p in predictions)
+        assert all(isinstance(p["summary"], str) for p in predictions)
+        status, _ = _post(port, json.dumps({"dataframe_records": [{"body": "no text"}]}).encode())
+        assert 400 <= status < 500
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_mbr_choice_takes_the_consensus():
+    candidates = ["서버 점검 오늘 밤", "서버 점검 오늘", "고양이 사진 모음"]
+    assert mbr_choice(candidates, "whitespace") in (0, 1)
+    assert mbr_choice(["a b c", "x y z", "a b c d"], "whitespace") == 0  # ties keep the first
+    assert mbr_choice(["only one"], "whitespace") == 0
