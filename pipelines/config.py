@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,6 +454,9 @@ class LLMSettings(Settings):
         if not self.base_url or not self.llm_model:
             raise ConfigError("base_url and llm_model are required: e.g. base_url=https://api.upstage.ai/v1 "
                               "llm_model=solar-pro2")
+        if not os.environ.get(self.api_key_env):
+            raise ConfigError(f"the environment variable {self.api_key_env} (api_key_env) is not set: export "
+                              f"{self.api_key_env}=<your API key>, or pass api_key_env=<the variable that holds it>")
         for name in ("max_tokens", "concurrency", "request_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
@@ -468,7 +472,8 @@ class BatchConfig(Coordinated):
 
     data: str = setting(DEFAULT_DATA, "CSV, JSONL or Parquet file with the items.", result=False)
     text_column: str = setting("text", "Column holding the input text.")
-    shard_size: int = setting(100, "Items per shard; finished shards are not done again on resume.")
+    shard_size: int = setting(100, "Items per shard; finished shards are not done again on resume (a "
+                              "resume with another size redoes the shards whose rows changed).", result=False)
     experiment_name: str = setting("", "MLflow experiment; empty uses MLFLOW_EXPERIMENT_NAME / _ID or 'Default'.",
                                    result=False)
     resume: bool = setting(False, "Continue the newest run of this stage with the same settings.", result=False)

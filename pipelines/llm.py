@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import string
@@ -35,12 +36,13 @@ from pipelines.config import ConfigError, LLMSettings
 from pipelines.leases import create_table, make_engine
 
 logger = logging.getLogger(__name__)
-logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+for _name in ("httpx", "httpx2"):  # one INFO line per request otherwise (openai 3 bundles httpx2)
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 COLUMNS = ("response", "prompt_tokens", "completion_tokens", "latency_s", "error", "retries")
-RETRIED = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+RETRIED_STATUS = (408, 409, 429)  # and every 5xx; like the openai client's own retries
 FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)  # every request would fail
-MAX_BACKOFF = 60.0
+MAX_BACKOFF = 300.0
 
 _metadata = MetaData()
 _ledger = Table("pipelines_llm_ledger", _metadata,
@@ -102,18 +104,20 @@ class RateLimiter:
     """
 
     WINDOW = 60.0
+    MARGIN = 0.02  # a request leaves the window 2% late: arrivals jitter, and providers count exact windows
 
     def __init__(self, requests_per_minute: int, tokens_per_minute: int):
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
         self._sent: deque[list] = deque()  # [time, tokens] of requests in the window
         self._lock = threading.Lock()
 
-    def acquire(self, tokens: int) -> list:
-        """Block until the request fits the limits; returns its entry, to :meth:`settle` with the real usage."""
-        while True:
+    def acquire(self, tokens: int, stop: threading.Event | None = None) -> list | None:
+        """Block until the request fits the limits; returns its entry, to :meth:`settle` with the real usage
+        (None once ``stop`` is set)."""
+        while stop is None or not stop.is_set():
             with self._lock:
                 now = time.monotonic()
-                while self._sent and now - self._sent[0][0] >= self.WINDOW:
+                while self._sent and now - self._sent[0][0] >= self.WINDOW * (1 + self.MARGIN):
                     self._sent.popleft()
                 wait = self._wait(now, tokens)
                 if wait <= 0:
@@ -121,18 +125,19 @@ class RateLimiter:
                     self._sent.append(entry)
                     return entry
             time.sleep(min(wait, 1.0))
+        return None
 
     def _wait(self, now: float, tokens: int) -> float:
         waits = [0.0]
         if self.rpm and len(self._sent) >= self.rpm:
-            waits.append(self._sent[-self.rpm][0] + self.WINDOW - now)
+            waits.append(self._sent[-self.rpm][0] + self.WINDOW * (1 + self.MARGIN) - now)
         if self.tpm and self._sent:
             used, released = sum(t for _, t in self._sent), 0
             for started, used_by in self._sent:  # wait until enough of the window's tokens have aged out
                 if used - released + tokens <= self.tpm:
                     break
                 released += used_by
-                waits.append(started + self.WINDOW - now)
+                waits.append(started + self.WINDOW * (1 + self.MARGIN) - now)
         return max(waits)
 
     def settle(self, entry: list, tokens: int) -> None:
@@ -155,7 +160,8 @@ class Ledger:
         create_table(self.engine, _ledger)
         self.scope, self.flush_seconds = scope, flush_seconds
         self._buffer: dict[str, dict] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the buffer
+        self._flushing = threading.Lock()  # one flush at a time: close() waits for a running one
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="llm-ledger", daemon=True)
         if flush_seconds > 0:
@@ -176,16 +182,26 @@ class Ledger:
         with self._lock:
             self._buffer[key] = outcome
         if self.flush_seconds <= 0:
-            self.flush()
+            self._try_flush()
         faults.failpoint("llm_request")
 
     def flush(self) -> None:
-        with self._lock:
-            rows, self._buffer = self._buffer, {}
-        if not rows:
-            return
+        """Write the buffered outcomes; on failure they stay buffered for the next flush, and it raises."""
+        with self._flushing:
+            with self._lock:
+                rows, self._buffer = self._buffer, {}
+            try:
+                items = list(rows.items())
+                for start in range(0, len(items), 300):
+                    self._write(items[start:start + 300])
+            except BaseException:
+                with self._lock:
+                    self._buffer = {**rows, **self._buffer}
+                raise
+
+    def _write(self, items: list[tuple[str, dict]]) -> None:
         values = [{"scope": self.scope, "key": key, "outcome": json.dumps(outcome, ensure_ascii=False)}
-                  for key, outcome in rows.items()]
+                  for key, outcome in items]
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(_ledger).values(values)
         statement = statement.on_conflict_do_update(index_elements=["scope", "key"],
@@ -193,15 +209,20 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(statement)
 
+    def _try_flush(self) -> None:
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - kept buffered for the next round; never die
+            logger.warning("llm ledger flush failed, will retry: %s", str(exc).splitlines()[0])
+
     def _flush_loop(self) -> None:
         while not self._stop.wait(self.flush_seconds):
-            try:
-                self.flush()
-            except Exception as exc:  # noqa: BLE001 - keep the buffer for the next round; never die
-                logger.warning("llm ledger flush failed, will retry: %s", str(exc).splitlines()[0])
+            self._try_flush()
 
     def close(self) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
         self.flush()
         self.engine.dispose()
 
@@ -237,8 +258,9 @@ class Client:
             futures = {k: pool.submit(self._send, k, r) for k, r in todo.items()}
             try:
                 known.update({k: f.result() for k, f in futures.items()})
-            except BaseException:  # interrupted: let requests in flight return and be recorded, send no more
+            except BaseException:  # interrupted: record what came back, let requests in flight return, send no more
                 self._stopping.set()
+                self.ledger._try_flush()
                 pool.shutdown(wait=True, cancel_futures=True)
                 self.ledger.flush()
                 raise
@@ -247,31 +269,36 @@ class Client:
 
     def _send(self, key: str, request: dict) -> dict:
         estimate = sum(len(m["content"]) for m in request["messages"]) // 3 + request["max_tokens"]
-        started, retries = time.monotonic(), 0
+        retries = 0
         while True:
-            if self._stopping.is_set():
-                return {}  # not sent (again): a resumed run sends it
-            slot = self._limiter.acquire(estimate)
+            slot = self._limiter.acquire(estimate, self._stopping)
+            if slot is None:
+                return {}  # interrupted before sending (again): a resumed run sends it
+            started = time.monotonic()
             try:
                 reply = self._openai.chat.completions.create(**request)
-            except FATAL as exc:
-                raise ConfigError(f"{self.cfg.base_url} refused the request ({_describe(exc)}): check api_key_env, "
-                                  f"base_url and llm_model={self.cfg.llm_model}") from None
-            except RETRIED as exc:
-                if retries >= self.cfg.max_retries:
-                    return self._record(key, _outcome(error=_describe(exc), retries=retries))
+                answer = reply.choices[0].message.content or ""
+            except Exception as exc:  # noqa: BLE001 - recorded per request; the run goes on
+                if isinstance(exc, FATAL) or getattr(exc, "code", None) == "insufficient_quota":
+                    raise ConfigError(f"{self.cfg.base_url} refused the request ({self._describe(exc)}): check "
+                                      f"api_key_env, the account's quota, base_url and llm_model="
+                                      f"{self.cfg.llm_model}") from None
+                if not _retried(exc) or retries >= self.cfg.max_retries:
+                    return self._record(key, _outcome(error=self._describe(exc), retries=retries))
                 retries += 1
-                time.sleep(_backoff(exc, retries))
+                if self._stopping.wait(_backoff(exc, retries)):
+                    return {}
                 continue
-            except openai.APIStatusError as exc:  # 400 and the like: this request will never succeed
-                return self._record(key, _outcome(error=_describe(exc), retries=retries))
             usage = reply.usage
             self._limiter.settle(slot, usage.total_tokens if usage else estimate)
             return self._record(key, _outcome(
-                response=reply.choices[0].message.content or "", retries=retries,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
+                response=answer, retries=retries, prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
                 latency_s=round(time.monotonic() - started, 4)))
+
+    def _describe(self, exc: Exception) -> str:
+        """The error in a line, with the API key masked (some gateways echo it)."""
+        return _describe(exc).replace(self._openai.api_key, "***")
 
     def _record(self, key: str, outcome: dict) -> dict:
         self.ledger.record(key, outcome)
@@ -282,6 +309,14 @@ def _outcome(response: str = "", prompt_tokens: int = 0, completion_tokens: int 
              error: str = "", retries: int = 0) -> dict:
     return {"response": response, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "latency_s": latency_s, "error": error, "retries": retries}
+
+
+def _retried(exc: Exception) -> bool:
+    """Whether a failed attempt is worth repeating: timeouts, dropped connections, 408/409/429 and 5xx."""
+    if isinstance(exc, openai.APIConnectionError):  # timeouts included
+        return True
+    status = getattr(exc, "status_code", None)
+    return isinstance(exc, openai.APIStatusError) and (status in RETRIED_STATUS or status >= 500)
 
 
 def _describe(exc: Exception) -> str:
@@ -297,10 +332,11 @@ def _backoff(exc: Exception, attempt: int) -> float:
     response = getattr(exc, "response", None)
     header = response.headers.get("retry-after") if response is not None else None
     try:
-        if header is not None:
-            return min(float(header), MAX_BACKOFF)
+        seconds = float(header) if header is not None else math.nan
     except ValueError:
-        pass
+        seconds = math.nan
+    if math.isfinite(seconds) and seconds >= 0:
+        return min(seconds, MAX_BACKOFF)
     return min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF) * random.uniform(0.5, 1.0)
 
 

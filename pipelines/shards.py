@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines import faults
+from pipelines.data import DataError
 from pipelines.stages.common import share_units, upload_frame
 from pipelines.stages.contract import StageContext
 
@@ -43,6 +44,7 @@ class Shards:
         self.ctx, self.items, self.size, self.tmp = ctx, items.reset_index(drop=True), size, tmp
         self.accept, self.read = accept, read
         self.running: Callable[[pd.DataFrame], dict[str, float]] | None = None
+        self.last_step = -1
         self.starts = range(0, len(items), size)
         self.outputs: dict[int, pd.DataFrame] = {}
         listed = self._listed()
@@ -63,7 +65,12 @@ class Shards:
         tracker, run_id = self.ctx.tracker, self.ctx.parent_id
         if self.ctx.resumed:
             logger.info("resuming %s run %s: %d/%d shards done", self.ctx.stage, run_id, len(self.done), len(self))
-        tracker.log_metrics(run_id, {"items_total": len(self.items)})
+        if not len(self.items):
+            raise DataError(f"{self.ctx.stage}: no items to work on (is the data file empty?)")
+        logged = tracker.logged_steps(run_id)
+        self.last_step = logged.get("items_done", -1)  # a resumed run never logs a step twice
+        if "items_total" not in logged:
+            tracker.log_metrics(run_id, {"items_total": len(self.items)})
         self._progress()
         share_units(self.ctx, len(self), lambda i: self._attempt(i, work), "shards")
         return pd.concat([self._output(i) for i in range(len(self))], ignore_index=True)
@@ -128,8 +135,11 @@ class Shards:
     def _progress(self) -> None:
         done = sum(len(self.rows(i)) for i in self.done)
         outputs = [self.outputs[i] for i in sorted(self.done) if i in self.outputs]
+        if done <= self.last_step:
+            return
         metrics = self.running(pd.concat(outputs, ignore_index=True)) if self.running and outputs else {}
         self.ctx.tracker.log_metrics(self.ctx.parent_id, {"items_done": done, **metrics}, step=done)
+        self.last_step = done
 
     def _ids(self, i: int) -> list[int]:
         return [int(x) for x in self.rows(i)["row_id"]]
@@ -153,5 +163,8 @@ def finish(ctx: StageContext, artifacts: dict[str, pd.DataFrame], metrics: dict[
         for name, frame in artifacts.items():
             upload_frame(ctx.tracker, ctx.parent_id, name, frame)
         latest = ctx.tracker.metrics(ctx.parent_id)  # a resume that changed nothing logs nothing again
-        ctx.tracker.log_metrics(ctx.parent_id, {k: v for k, v in metrics.items() if latest.get(k) != float(v)})
+        changed = {k: v for k, v in metrics.items() if latest.get(k) != float(v)}
+        steps = ctx.tracker.logged_steps(ctx.parent_id)
+        step = max([int(latest.get("items_total", 0)), *(steps[k] + 1 for k in changed if k in steps)])
+        ctx.tracker.log_metrics(ctx.parent_id, changed, step=step)  # at the last step: what the UI shows
         ctx.tracker.finish(ctx.parent_id)

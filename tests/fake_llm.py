@@ -38,6 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
     """One connection: HTTP/1.1 keep-alive, every answer sent with a Content-Length."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -106,6 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # 32+ clients connecting at once are not turned away
     fake: FakeLLM
 
 

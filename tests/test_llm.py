@@ -59,7 +59,7 @@ def ledger_keys(folder: Path) -> set[str]:
         return {key for (key,) in conn.execute("SELECT key FROM pipelines_llm_ledger")}
 
 
-def test_llm_killed_mid_shard_resumes_without_resending_answered_requests(server, tmp_path):
+def test_llm_killed_mid_shard_resumes_without_resending_answered_requests(server, tmp_path, monkeypatch):
     env, data = llm_env(tmp_path), make_items(tmp_path / "items.csv", 120)
     args = args_for(server, data, "llm")
     killed = mlflow_run({**env, "PIPELINES_FAILPOINT": "llm_request:70"}, tmp_path, "llm", args)
@@ -72,7 +72,8 @@ def test_llm_killed_mid_shard_resumes_without_resending_answered_requests(server
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "1/3 shards done" in resumed.stderr  # shard 0 was committed, shard 1 was cut short
 
-    cfg = LlmConfig(base_url=server.base_url, llm_model="solar-mini")
+    monkeypatch.setenv("PIPELINES_TEST_KEY", SECRET)
+    cfg = LlmConfig(base_url=server.base_url, llm_model="solar-mini", api_key_env="PIPELINES_TEST_KEY")
     prompts = [f"Summarize: {text}" for text in pd.read_csv(data)["text"]]
     key_of = {p: request_key(canonical_request(p, cfg, "")) for p in prompts}
     for prompt in prompts:  # every request answered before the kill was not sent again
@@ -128,8 +129,8 @@ def test_failures_are_listed_and_retry_failed_resends_only_them(server, tmp_path
     assert responses.loc[3, "response"].startswith("SUMMARY: Summarize: item 3")
     assert parent.data.metrics["failures"] == 2 and parent.data.metrics["retries"] == 1 + 1 + 2 * 2
 
-    plain = run_entrypoint("llm", {**args, "resume": "true"}, env, tmp_path)  # no retry_failed: nothing sent
     sent = server.total
+    plain = run_entrypoint("llm", {**args, "resume": "true"}, env, tmp_path)  # no retry_failed: nothing sent
     assert plain.returncode == 0 and server.total == sent
     server.clear_faults()
     counts = Counter(server.received)
@@ -219,3 +220,23 @@ def test_sigterm_records_every_answer_that_came_back(server, tmp_path):
     resumed = run_entrypoint("llm", {**args, "resume": "true"}, env, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert len(server.received) == 200 and set(server.received.values()) == {1}
+
+
+def test_ledger_keeps_answers_whose_write_failed(tmp_path):
+    from pipelines.llm import Ledger
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'state.db'}", "run-1", flush_seconds=0)
+    write, calls = ledger._write, []
+
+    def failing(items):
+        calls.append(len(items))
+        raise OSError("database unreachable")
+
+    ledger._write = failing
+    ledger.record("k1", {"response": "paid for", "error": ""})  # logged, kept buffered, the request not lost
+    ledger._write = write
+    ledger.flush()
+    ledger.close()
+    again = Ledger(f"sqlite:///{tmp_path / 'state.db'}", "run-1", flush_seconds=0)
+    assert calls == [1] and again.lookup(["k1"]) == {"k1": {"response": "paid for", "error": ""}}
+    again.close()

@@ -108,6 +108,9 @@ def predictions_of(cfg: ValidateConfig, tracker: Tracker, tmp: Path,
     if stage not in SOURCES:
         raise NotFound(f"predictions_from={cfg.predictions_from} is a {stage or 'non-stage'} run; pass a "
                        f"{', '.join(SOURCES)} run id")
+    if run.info.status != "FINISHED":
+        raise NotFound(f"predictions_from={cfg.predictions_from} is {run.info.status}, not FINISHED: its predictions "
+                       "may be incomplete; finish it (resume=true) first")
     used, spec = recorded_settings(tracker, cfg.predictions_from), SOURCES[stage]
     if used.get("task", cfg.task) != cfg.task:
         raise ConfigError(f"run {cfg.predictions_from} is a task={used['task']} run; pass task={used['task']}")
@@ -120,10 +123,16 @@ def predictions_of(cfg: ValidateConfig, tracker: Tracker, tmp: Path,
     if column not in frame.columns:
         raise ConfigError(f"{spec.artifact} of run {cfg.predictions_from} has no column {column!r}; its columns are "
                           f"{list(frame.columns)}: pass prediction_column=<one of them>")
-    out = pd.DataFrame({"row_id": frame["row_id"].astype(int), "prediction": frame[column]})
+    if "error" in frame.columns and (frame["error"] != "").any():
+        logger.warning("%d predictions of run %s are failed requests (empty): they score 0; resume it with "
+                       "retry_failed=true first to score them", int((frame["error"] != "").sum()), run.info.run_id)
+    out = pd.DataFrame({"row_id": frame["row_id"].astype(int), "prediction": frame[column].str.strip()})
     truth = spec.truth.get(cfg.task)
     if truth:
         out["reference"] = frame[truth]
+        if (out["reference"].str.strip() == "").all():
+            raise DataError(f"{spec.artifact} of run {cfg.predictions_from} has no references (its {truth!r} column "
+                            "is empty): score the run it corrected, or a run whose data had references")
         out["text"] = frame["source"] if "source" in frame.columns else ""
     else:
         out = _join_data(cfg, out, run, stage, used, require_truth)
@@ -159,13 +168,14 @@ def score(cfg: ValidateConfig, rows: pd.DataFrame) -> pd.DataFrame:
     rows = rows[["row_id", "text", "reference", "prediction"]].reset_index(drop=True)
     if cfg.task == "summarization":
         return pd.concat([rows, score_rows(rows["reference"], rows["prediction"], cfg.rouge_tokenizer)], axis=1)
-    return rows.assign(correct=(rows["prediction"].astype(str) == rows["reference"].astype(str)).astype(int))
+    return rows.assign(correct=(rows["prediction"].astype(str).str.strip()
+                                == rows["reference"].astype(str).str.strip()).astype(int))
 
 
 def summary(cfg: ValidateConfig, scores: pd.DataFrame) -> dict[str, float]:
     if cfg.task == "summarization":
         return {column: float(scores[column].mean()) for column in SCORE_COLUMNS}
-    truth, predicted = scores["reference"].astype(str), scores["prediction"].astype(str)
+    truth, predicted = scores["reference"].astype(str).str.strip(), scores["prediction"].astype(str).str.strip()
     return {"accuracy": float(accuracy_score(truth, predicted)),
             "f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0))}
 
