@@ -24,7 +24,7 @@ import yaml
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_DATA = str(Path(__file__).resolve().parent.parent / "data" / "fortunes_4class.csv")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-TASKS = ("classification", "summarization")  # each has a module in pipelines/tasks/
+TASKS = ("classification", "summarization", "mlm")  # each has a module in pipelines/tasks/
 ROUGE_TOKENIZERS = ("whitespace", "char", "morpheme", "default")
 GENERATION = ("max_new_tokens", "min_new_tokens", "num_beams", "repetition_penalty", "length_penalty",
               "no_repeat_ngram_size")  # the result-affecting generation settings (one GenerationConfig)
@@ -43,10 +43,11 @@ class ConfigError(UserError):
 
 
 def setting(default: Any, help: str, *, result: bool = True, choices: tuple | None = None,
-            task: str | None = None) -> Any:
+            task: str | tuple[str, ...] | None = None) -> Any:
     """A config field. ``result=False`` keeps it out of the fingerprint (it changes how, not what);
-    ``task`` names the one task the setting belongs to (it is ignored, and must stay unset, for the others)."""
-    return field(default=default, metadata={"help": help, "result": result, "choices": choices, "task": task})
+    ``task`` names the task(s) the setting belongs to (it is ignored, and must stay unset, for the others)."""
+    tasks = (task,) if isinstance(task, str) else task
+    return field(default=default, metadata={"help": help, "result": result, "choices": choices, "task": tasks})
 
 
 class Settings:
@@ -65,7 +66,16 @@ class Settings:
 
     def applies(self, f: dataclasses.Field) -> bool:
         """Whether setting ``f`` belongs to this configuration's task (settings of no task always do)."""
-        return f.metadata.get("task") in (None, getattr(self, "task", None))
+        tasks = f.metadata.get("task")
+        return tasks is None or getattr(self, "task", None) in tasks
+
+    def refuse_other_task_settings(self) -> None:
+        """A setting of another task would be silently ignored: refuse it, naming the task it belongs to."""
+        for f in dataclasses.fields(self):
+            if not self.applies(f) and getattr(self, f.name) != f.default:
+                owners = " or ".join(f.metadata["task"])
+                raise ConfigError(f"{f.name} is a {owners} setting and does nothing with task={self.task}; remove "
+                                  f"it, or pass task={f.metadata['task'][0]}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,8 +111,9 @@ class StageConfig(Coordinated):
     SEQ2SEQ_POSITIVE = ("max_source_length", "max_target_length", "max_new_tokens", "num_beams",
                         "repetition_penalty", "length_penalty", "generation_batch_size")
 
-    task: str = setting("classification", "What the model learns (pipelines/tasks/): classification of a text, or "
-                        "summarization (seq2seq generation scored with ROUGE).", choices=TASKS)
+    task: str = setting("classification", "What the model learns (pipelines/tasks/): classification of a text, "
+                        "summarization (seq2seq generation scored with ROUGE) or mlm (masked-LM training on "
+                        "unlabelled text: the tapt stage).", choices=TASKS)
     data: str = setting(DEFAULT_DATA, "CSV, JSONL or Parquet file with the examples.", result=False)
     text_column: str = setting("text", "Column holding the input text (summarization: the source document).")
     label_column: str = setting("label", "Column holding the class label.", task="classification")
@@ -117,9 +128,9 @@ class StageConfig(Coordinated):
     learning_rate: float = setting(5e-5, "Peak learning rate of AdamW.")
     batch_size: int = setting(16, "Training batch size per device.")
     eval_batch_size: int = setting(64, "Batch size for evaluation and prediction.", result=False,
-                                   task="classification")
+                                   task=("classification", "mlm"))
     gradient_accumulation_steps: int = setting(1, "Batches accumulated per optimizer step.")
-    max_length: int = setting(128, "Tokens per example after truncation.", task="classification")
+    max_length: int = setting(128, "Tokens per example after truncation.", task=("classification", "mlm"))
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     warmup_ratio: float = setting(0.0, "Fraction of steps with linear learning-rate warm-up.")
     scheduler_type: str = setting("linear", "Learning-rate schedule.", choices=SCHEDULERS)
@@ -145,6 +156,37 @@ class StageConfig(Coordinated):
         "", "Optuna parent run id (or 'latest' in the experiment) whose best parameters replace these settings.",
         result=False,  # the parameters it brings are in the fingerprint
     )
+    variant: str = setting("", "Name of a variant in config_file's `variants:` mapping, applied over the file's "
+                           "top-level settings (flags and --config still override it); recorded as a tag.",
+                           result=False)  # the values it brings are in the fingerprint
+    init_from: str = setting("", "Start from these weights with a fresh optimizer, in a new run (unlike resume): a "
+                             "Trainer checkpoint folder, a model folder, runs:/<run_id>/<path>, or the id of a "
+                             "train/fold/trial run (its model, or its latest checkpoint while unfinished). Its "
+                             "content digest is in the fingerprint.", result=False)
+    init_epoch: str = setting("restart", "With init_from: restart counts epochs from 0 with a new learning-rate "
+                              "schedule; continue goes on from the checkpoint's epoch and schedule position.",
+                              choices=("restart", "continue"))
+    init_ema: bool = setting(False, "With init_from: start from its EMA weights (a checkpoint trained with "
+                             "ema_decay) instead of its raw weights.")
+    ema_decay: float = setting(0.0, "Keep an exponential moving average of the weights with this decay per "
+                               "optimizer step (e.g. 0.999): evaluation, the best-checkpoint choice and the saved "
+                               "model use it; 0: off.")
+    swa_epochs: int = setting(0, "Stochastic weight averaging: the saved model is the mean of the weights at the end "
+                              "of each of the last N epochs; 0: off.")
+    layerwise_lr_decay: float = setting(1.0, "Layer-wise learning rates: each encoder layer's rate is the one above "
+                                        "times this factor (the embeddings lowest, the head at learning_rate); "
+                                        "1.0: one rate.")
+    loss: str = setting("cross_entropy", "Training loss: cross_entropy, or focal (down-weights easy examples by "
+                        "(1-p)^focal_gamma).", choices=("cross_entropy", "focal"), task="classification")
+    focal_gamma: float = setting(2.0, "Focusing exponent of loss=focal (0: plain cross-entropy).",
+                                 task="classification")
+    class_weights: str = setting("none", "none, or balanced: each class's loss weighted by rows / (classes x rows "
+                                 "of the class) in the training set.", choices=("none", "balanced"),
+                                 task="classification")
+    # ---- mlm (masked-LM): pipelines/tasks/mlm.py
+    mlm_probability: float = setting(0.15, "Share of tokens masked for the masked-LM objective.", task="mlm")
+    whole_word_mask: bool = setting(False, "Mask whole words (runs of text between spaces: Korean eojeols) instead "
+                                    "of single tokens; needs a fast tokenizer.", task="mlm")
     augment_from: str = setting("", "Run id of an augment run: each training set gets the augmentations of its own "
                                 "rows (never of a validation row).")
     # ---- summarization (seq2seq): pipelines/tasks/summarization.py
@@ -191,13 +233,30 @@ class StageConfig(Coordinated):
             raise ConfigError("min_new_tokens and no_repeat_ngram_size must be zero or positive")
         if self.task == "summarization" and self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
+        if self.task == "mlm" and not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"mlm_probability={self.mlm_probability} must be in (0, 1), e.g. 0.15")
+        self._check_techniques()
+
+    def _check_techniques(self) -> None:
+        if self.ema_decay and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in (0, 1), e.g. 0.999 (0 turns EMA off)")
+        if self.swa_epochs < 0 or (self.epochs and self.swa_epochs > self.epochs):
+            raise ConfigError(f"swa_epochs={self.swa_epochs} must be between 0 and epochs={self.epochs}")
+        if self.swa_epochs and (self.ema_decay or self.early_stopping_patience):
+            raise ConfigError("swa_epochs averages the last epochs' weights: it cannot be combined with ema_decay or "
+                              "early_stopping_patience (which pick other weights); use one of them")
+        if not 0.0 < self.layerwise_lr_decay <= 1.0:
+            raise ConfigError(f"layerwise_lr_decay={self.layerwise_lr_decay} must be in (0, 1], e.g. 0.9")
+        if self.focal_gamma < 0:
+            raise ConfigError(f"focal_gamma={self.focal_gamma} must be zero or positive")
+        if self.loss == "focal" and self.label_smoothing:
+            raise ConfigError("loss=focal does not smooth labels: pass label_smoothing=0, or loss=cross_entropy")
+        if not self.init_from and (self.init_epoch != "restart" or self.init_ema):
+            raise ConfigError("init_epoch and init_ema only apply with init_from=<checkpoint or run>; pass it")
 
     def _check_task_settings(self) -> None:
         """Refuse a setting of another task (it would be silently ignored) and resolve the default ``metric``."""
-        for f in dataclasses.fields(self):
-            if not self.applies(f) and getattr(self, f.name) != f.default:
-                raise ConfigError(f"{f.name} is a {f.metadata['task']} setting and does nothing with "
-                                  f"task={self.task}; remove it, or pass task={f.metadata['task']}")
+        self.refuse_other_task_settings()
         metrics = task_metrics(self.task)
         if not self.metric:
             self.metric = next(iter(metrics))
@@ -212,6 +271,8 @@ def task_metrics(task: str) -> dict[str, bool]:
     """The validation metrics a task computes, default first, each with whether greater is better."""
     if task == "summarization":
         return {"rouge_mean": True, "rouge1": True, "rouge2": True, "rougeL": True, "loss": False}
+    if task == "mlm":
+        return {"loss": False, "perplexity": False, "top1_accuracy": True, "top5_accuracy": True}
     return {"f1_macro": True, "accuracy": True, "loss": False}
 
 
@@ -225,6 +286,24 @@ class TrainConfig(StageConfig):
         super().__post_init__()
         if not 0.0 < self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction={self.validation_fraction} must be in (0, 1)")
+
+
+@dataclass
+class TaptConfig(TrainConfig):
+    """`tapt`: masked-LM continued pretraining (task-adaptive) on an unlabelled text column; its model feeds the
+    training stages through model=runs:/<run_id>/model or models:/<name>@<alias>."""
+
+    task: str = setting("mlm", "Always mlm: masked-LM training.", choices=("mlm",))
+    validation_fraction: float = setting(0.1, "Fraction of rows held out; their masking is fixed by `seed`.")
+    registered_model_name: str = setting("", "Also register the model under this name (empty: do not).",
+                                         result=False)
+    alias: str = setting("", "Registry alias pointed at the new version (with registered_model_name).",
+                         result=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alias and not self.registered_model_name:
+            raise ConfigError("alias needs registered_model_name=<name> to register the model under")
 
 
 @dataclass
@@ -302,8 +381,12 @@ def parse_config(cls: type[Settings], argv: list[str] | None = None) -> Settings
     config_file, overrides = args.pop("config_file"), _parse_overrides(args.pop("config"))
 
     values: dict[str, Any] = {}
+    variant = overrides.get("variant") or args.get("variant") or ""
     if config_file:
-        values.update(_load_yaml(Path(config_file), fields))
+        values.update(_load_yaml(Path(config_file), fields, variant))
+    elif variant:
+        raise ConfigError(f"variant={variant!r} names a variant of config_file, but no config_file was given; pass "
+                          "config_file=<YAML with a `variants:` mapping>")
     for name, raw in args.items():
         if raw is None or raw == "":  # not given (MLproject parameters default to '')
             continue
@@ -316,7 +399,8 @@ def parse_config(cls: type[Settings], argv: list[str] | None = None) -> Settings
     return cls(**converted)
 
 
-def _load_yaml(path: Path, fields: dict[str, dataclasses.Field]) -> dict[str, Any]:
+def _load_yaml(path: Path, fields: dict[str, dataclasses.Field], variant: str = "") -> dict[str, Any]:
+    """The file's top-level settings, with those of ``variants[variant]`` over them."""
     if not path.is_file():
         raise ConfigError(f"config_file {path} does not exist; pass the path of a YAML mapping of settings")
     try:
@@ -325,6 +409,17 @@ def _load_yaml(path: Path, fields: dict[str, dataclasses.Field]) -> dict[str, An
         raise ConfigError(f"config_file {path} is not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config_file {path} must hold a mapping of setting: value")
+    variants = loaded.pop("variants", None) or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ConfigError(f"config_file {path}: `variants` must map each variant name to a mapping of settings")
+    variant = variant or str(loaded.get("variant") or "")  # the file may name its default variant
+    if variant:
+        if "variant" not in fields:
+            raise ConfigError(f"variant={variant!r}: this stage has no variants; remove it")
+        if variant not in variants:
+            raise ConfigError(f"variant={variant!r} is not in config_file {path}; its variants are "
+                              f"{', '.join(map(str, variants)) or 'none'}")
+        loaded.update(variants[variant])
     unknown = sorted(set(loaded) - set(fields))
     if unknown:
         raise ConfigError(f"config_file {path} names unknown settings {unknown}; known: {', '.join(fields)}")
@@ -333,7 +428,8 @@ def _load_yaml(path: Path, fields: dict[str, dataclasses.Field]) -> dict[str, An
 
 TUNABLE = ("learning_rate", "weight_decay", "batch_size", "gradient_accumulation_steps", "warmup_ratio", "epochs",
            "max_length", "scheduler_type", "max_grad_norm", "label_smoothing", "early_stopping_patience",
-           "max_source_length", "max_target_length", *GENERATION)
+           "max_source_length", "max_target_length", "mlm_probability", "ema_decay", "layerwise_lr_decay",
+           "focal_gamma", *GENERATION)
 DEFAULT_SEARCH_SPACE = (
     "{learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}, "
     "weight_decay: {type: float, low: 0.0, high: 0.1}, "
@@ -536,7 +632,7 @@ class ValidateConfig(PredictConfig):
     model_uri: str = setting("", "A model to predict with and score (models:/..., runs:/... or a folder); or pass "
                              "predictions_from.", result=False)
     task: str = setting("classification", "What is scored: classification labels (accuracy, f1_macro) or "
-                        "summaries (ROUGE).", choices=TASKS)
+                        "summaries (ROUGE).", choices=("classification", "summarization"))
     predictions_from: str = setting("", "Run id of a kfold, train, predict, llm or correct run whose predictions "
                                     "are scored (instead of model_uri).", result=False)  # its id is the model digest
     prediction_column: str = setting("", "Column of those predictions to score; empty: the source stage's own "
@@ -554,10 +650,7 @@ class ValidateConfig(PredictConfig):
                               "predictions to score>")
         if self.shard_size <= 0 or self.eval_batch_size <= 0 or self.worst_examples < 0:
             raise ConfigError("shard_size and eval_batch_size must be positive, worst_examples zero or positive")
-        for f in dataclasses.fields(self):
-            if not self.applies(f) and getattr(self, f.name) != f.default:
-                raise ConfigError(f"{f.name} is a {f.metadata['task']} setting and does nothing with "
-                                  f"task={self.task}; remove it, or pass task={f.metadata['task']}")
+        self.refuse_other_task_settings()
 
 
 AUGMENTATION_METHODS = ("eda", "back_translation", "paraphrase", "llm_paraphrase")

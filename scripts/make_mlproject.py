@@ -20,6 +20,7 @@ from pipelines.config import (
     PredictConfig,
     RetrainConfig,
     Settings,
+    TaptConfig,
     TrainConfig,
     ValidateConfig,
 )
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # entry point -> (config, script); the optuna script is not optuna.py, which would shadow the package
 ENTRY_POINTS: dict[str, tuple[type[Settings], str]] = {
     "train": (TrainConfig, "train.py"),
+    "tapt": (TaptConfig, "tapt.py"),
     "kfold": (KFoldConfig, "kfold.py"),
     "optuna": (OptunaConfig, "optuna_search.py"),
     "retrain": (RetrainConfig, "retrain.py"),
@@ -57,7 +59,7 @@ def render() -> str:
              "name: pipelines", "", "conda_env: conda.yaml", "", "entry_points:"]
     for name, (cls, script) in ENTRY_POINTS.items():
         fields = [f for f in dataclasses.fields(cls) if f.name not in SKIPPED]
-        lines += [f"  # {cls.__doc__}", f"  {name}:", "    parameters:"]
+        lines += [f"  # {' '.join(cls.__doc__.split())}", f"  {name}:", "    parameters:"]
         for f in fields:
             lines += [f"      # {f.metadata['help']} (default: {_default(f)})",
                       f"      {f.name}: {{type: string, default: ''}}"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from conftest import ROOT
 from helpers import artifact_text, children, parents, runs
 
@@ -16,6 +17,8 @@ def test_mlproject_is_generated_from_the_configs():
     proc = subprocess.run([sys.executable, "scripts/make_mlproject.py", "--check"], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+    project = yaml.safe_load((ROOT / "MLproject").read_text())  # what `mlflow run` parses
+    assert set(project["entry_points"]) >= {"train", "tapt", "kfold", "optuna", "retrain"}
 
 
 def mlflow_run(env, cwd, entry: str, *params: str) -> subprocess.CompletedProcess:
