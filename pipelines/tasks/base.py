@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.model_selection import KFold, ShuffleSplit
 from transformers import Trainer, TrainerCallback
 
 from pipelines.config import StageConfig
@@ -101,3 +102,18 @@ def read_columns(path: str, columns: dict[str, tuple[str, str]], task: str) -> p
         logger.warning("dropping rows with an empty %s file=%s rows=%d", " or ".join(settings), path, int(empty.sum()))
     out = out[~empty].reset_index(drop=True)
     return out.assign(**{name: out[name].astype(str) for name in columns})
+
+
+def shuffled_folds(frame: pd.DataFrame, k: int, seed: int) -> list[np.ndarray]:
+    """Validation row positions of ``k`` shuffled folds (tasks without labels to stratify on)."""
+    if k > len(frame):
+        raise DataError(f"k_folds={k} is larger than the {len(frame)} rows; lower k_folds or add data.")
+    return [np.sort(valid) for _, valid in KFold(n_splits=k, shuffle=True, random_state=seed).split(frame)]
+
+
+def shuffled_holdout(frame: pd.DataFrame, fraction: float, seed: int, path: str) -> np.ndarray:
+    """Validation row positions of a shuffled holdout split of ``fraction`` of the rows."""
+    if len(frame) < 2:
+        raise DataError(f"{path} has {len(frame)} usable row(s): too few to hold out validation rows")
+    _, valid = next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed).split(frame))
+    return np.sort(valid)

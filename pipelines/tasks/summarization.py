@@ -15,7 +15,7 @@ import unicodedata
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, ShuffleSplit
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit
 from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
@@ -32,7 +32,7 @@ from pipelines.config import GENERATION, ConfigError, StageConfig
 from pipelines.data import Dataset, DataError, content_digest
 from pipelines.models import ModelError
 from pipelines.rouge import SCORE_COLUMNS, check_tokenizer, score_rows
-from pipelines.tasks.base import Built, Task, read_columns
+from pipelines.tasks.base import Built, Task, read_columns, shuffled_folds, shuffled_holdout
 
 logger = logging.getLogger(__name__)
 
@@ -94,11 +94,8 @@ class Summarization(Task):
                 raise DataError(f"k_folds={k} is larger than the number of groups ({groups} values of group_column "
                                 f"{cfg.group_column!r}); lower k_folds to at most {groups} or use more data.")
             splits = GroupKFold(n_splits=k, shuffle=True, random_state=cfg.fold_seed).split(frame, groups=frame["group"])
-        else:
-            if k > len(frame):
-                raise DataError(f"k_folds={k} is larger than the {len(frame)} rows; lower k_folds or add data.")
-            splits = KFold(n_splits=k, shuffle=True, random_state=cfg.fold_seed).split(frame)
-        return [np.sort(valid) for _, valid in splits]
+            return [np.sort(valid) for _, valid in splits]
+        return shuffled_folds(frame, k, cfg.fold_seed)
 
     def holdout(self, data: Dataset, cfg: StageConfig) -> np.ndarray:
         frame, fraction = data.frame, cfg.validation_fraction
@@ -107,11 +104,8 @@ class Summarization(Task):
                 raise DataError(f"group_column {cfg.group_column!r} has a single value: nothing to hold out")
             split = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=cfg.fold_seed)
             _, valid = next(split.split(frame, groups=frame["group"]))
-        else:
-            if len(frame) < 2:
-                raise DataError(f"{cfg.data} has {len(frame)} usable row(s): too few to hold out validation rows")
-            _, valid = next(ShuffleSplit(n_splits=1, test_size=fraction, random_state=cfg.fold_seed).split(frame))
-        return np.sort(valid)
+            return np.sort(valid)
+        return shuffled_holdout(frame, fraction, cfg.fold_seed, cfg.data)
 
     def check_model(self, path: str) -> None:
         config = AutoConfig.from_pretrained(path)

@@ -1,0 +1,210 @@
+"""`task=mlm`: masked-LM training on unlabelled text (task-adaptive pretraining, the `tapt` stage).
+
+Training masks ``mlm_probability`` of the tokens of each batch afresh (transformers'
+``DataCollatorForLanguageModeling``, on the global RNG that Trainer checkpoints save and restore, so a resume
+masks exactly as an uninterrupted run). ``whole_word_mask`` masks every token of a chosen word, a word being a
+run of text between spaces (for Korean, an eojeol). Validation rows are masked once, by ``seed`` and row id,
+every chosen token replaced by the mask token: the loss is comparable across epochs, resumes and folds, and
+``top1_accuracy``/``top5_accuracy`` are fill-mask accuracies (the original token is the model's first / among
+its five first guesses at a masked position). ``perplexity`` is exp of the mean cross-entropy per masked token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from pipelines.config import ConfigError, StageConfig
+from pipelines.data import Dataset, content_digest
+from pipelines.models import ModelError
+from pipelines.tasks.base import Built, Task, read_columns, shuffled_folds, shuffled_holdout
+
+logger = logging.getLogger(__name__)
+TOP_K = 5
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Tokenized texts (with the offsets whole-word masking needs), masked later by the collator."""
+
+    def __init__(self, tokenizer, texts: list[str], max_length: int, offsets: bool):
+        self.encodings = tokenizer(texts, truncation=True, max_length=max_length, return_special_tokens_mask=True,
+                                   return_offsets_mapping=offsets)
+
+    def __len__(self) -> int:
+        return len(self.encodings["input_ids"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {key: values[i] for key, values in self.encodings.items()}
+
+
+class MaskedDataset(torch.utils.data.Dataset):
+    """Validation texts masked once: the same masks in every evaluation."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def masking_collator(tokenizer, cfg: StageConfig, **kwargs) -> DataCollatorForLanguageModeling:
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability,
+                                           whole_word_mask=cfg.whole_word_mask, **kwargs)
+
+
+def mask_fixed(tokenizer, frame: pd.DataFrame, cfg: StageConfig) -> MaskedDataset:
+    """Each row masked by a generator seeded with (``seed``, row id), every chosen token replaced by the mask
+    token; a row where nothing was chosen gets its first word masked (every row counts)."""
+    collator = masking_collator(tokenizer, cfg, mask_replace_prob=1.0, random_replace_prob=0.0)
+    tokens = TokenDataset(tokenizer, frame["text"].tolist(), cfg.max_length, offsets=cfg.whole_word_mask)
+    items = []
+    for i, row_id in enumerate(frame["row_id"].tolist()):
+        key = hashlib.sha256(f"{cfg.seed}:{row_id}".encode()).digest()
+        collator.generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+        item = tokens[i]
+        batch = collator.torch_call([item])
+        input_ids, labels = batch["input_ids"][0], batch["labels"][0]
+        if not (labels != -100).any():
+            input_ids, labels = _mask_first_word(item, tokenizer.mask_token_id)
+        items.append({"input_ids": input_ids.tolist(), "attention_mask": [1] * len(input_ids),
+                      "labels": labels.tolist()})
+    return MaskedDataset(items)
+
+
+def _mask_first_word(item: dict, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor(item["input_ids"])
+    special = torch.tensor(item["special_tokens_mask"], dtype=torch.bool)
+    labels = torch.full_like(ids, -100)
+    first = int((~special).nonzero()[0]) if (~special).any() else 0
+    labels[first], ids[first] = ids[first], mask_id
+    return ids, labels
+
+
+def top_k_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: the ``TOP_K`` best-scored ids, and the cross-entropy of the label (what compute_metrics needs,
+    instead of the whole vocabulary's logits)."""
+    losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                               reduction="none")
+    return logits.topk(TOP_K, dim=-1).indices, losses
+
+
+def fill_mask_scores(top_ids: np.ndarray, losses: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row: masked tokens, top-1 and top-5 hits, summed cross-entropy (positions with label -100 ignored)."""
+    masked = labels != -100
+    hits = (top_ids == labels[..., None]) & masked[..., None]
+    return {"masked_tokens": masked.sum(axis=1), "top1_hits": hits[..., 0].sum(axis=1),
+            "top5_hits": hits.any(axis=-1).sum(axis=1), "loss_sum": np.where(masked, losses, 0.0).sum(axis=1)}
+
+
+def summarize(rows: dict[str, np.ndarray]) -> dict[str, float]:
+    tokens = max(int(rows["masked_tokens"].sum()), 1)
+    return {"top1_accuracy": float(rows["top1_hits"].sum() / tokens),
+            "top5_accuracy": float(rows["top5_hits"].sum() / tokens),
+            "perplexity": float(np.exp(rows["loss_sum"].sum() / tokens))}
+
+
+class MaskedLM(Task):
+    name = "mlm"
+    summary_metrics = ("loss", "perplexity", "top1_accuracy", "top5_accuracy")
+    text_columns = ()
+
+    def load(self, cfg: StageConfig) -> Dataset:
+        frame = read_columns(cfg.data, {"text": ("text_column", cfg.text_column)}, "mlm")
+        if 0 < cfg.max_samples < len(frame):
+            frame = frame.sample(n=cfg.max_samples, random_state=cfg.fold_seed).sort_values("row_id")
+            frame = frame.reset_index(drop=True)
+        return Dataset(frame=frame, labels=[], digest=content_digest(frame, list(frame.columns)))
+
+    def folds(self, data: Dataset, cfg: StageConfig) -> list[np.ndarray]:
+        return shuffled_folds(data.frame, cfg.k_folds, cfg.fold_seed)
+
+    def holdout(self, data: Dataset, cfg: StageConfig) -> np.ndarray:
+        return shuffled_holdout(data.frame, cfg.validation_fraction, cfg.fold_seed, cfg.data)
+
+    def check_model(self, path: str) -> None:
+        config = AutoConfig.from_pretrained(path)
+        if config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+            raise ModelError(f"model {path} ({config.model_type}) has no masked-LM form in transformers, so no MLM "
+                             "head can be added to it. Pass an encoder checkpoint (BERT, RoBERTa, XLM-R, ELECTRA, "
+                             "DeBERTa, MiniLM...) for task=mlm.")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.mask_token is None:
+            raise ModelError(f"the tokenizer of model {path} has no mask token; task=mlm needs one (pass a "
+                             "checkpoint trained with masked-LM, e.g. a BERT-style encoder)")
+
+    def input_length(self, cfg: StageConfig) -> int:
+        return cfg.max_length
+
+    def build(self, cfg: StageConfig, path: str, data: Dataset) -> Built:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if cfg.whole_word_mask and not tokenizer.is_fast:
+            raise ConfigError(f"whole_word_mask needs a fast tokenizer (character offsets); model {path} has a slow "
+                              "one. Pass whole_word_mask=false.")
+        tokenizer.model_max_length = cfg.max_length
+        network = AutoModelForMaskedLM.from_pretrained(path)
+        return Built(network, tokenizer)
+
+    def trainer(self, cfg, built, args, train, valid, callbacks) -> Trainer:
+        tokenizer = built.tokenizer
+
+        def compute_metrics(eval_pred) -> dict[str, float]:
+            top_ids, losses = eval_pred.predictions
+            return summarize(fill_mask_scores(top_ids, losses, eval_pred.label_ids))
+
+        return Trainer(
+            model=built.network,
+            # the evaluation before training is the base model's (logged at step 0)
+            args=TrainingArguments(**args, per_device_eval_batch_size=cfg.eval_batch_size,
+                                   eval_on_start=valid is not None),
+            train_dataset=TokenDataset(tokenizer, train["text"].tolist(), cfg.max_length, cfg.whole_word_mask),
+            eval_dataset=None if valid is None else mask_fixed(tokenizer, valid, cfg),
+            processing_class=tokenizer,
+            data_collator=_Collate(masking_collator(tokenizer, cfg), DataCollatorForSeq2Seq(tokenizer)),
+            compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=top_k_and_loss,
+            callbacks=callbacks,
+        )
+
+    def evaluate(self, trainer, built, valid, cfg, data) -> tuple[dict[str, float], pd.DataFrame]:
+        output = trainer.predict(trainer.eval_dataset)
+        rows = fill_mask_scores(*output.predictions, output.label_ids)
+        metrics = {"loss": output.metrics["test_loss"], **summarize(rows)}
+        return metrics, pd.DataFrame({"row_id": valid["row_id"].to_numpy(), **rows})
+
+
+class _Collate:
+    """Training batches (no labels yet) are padded here, offsets included (the tokenizer cannot pad those), and
+    masked; the fixed-masked validation batches are only padded."""
+
+    PADDING = {"attention_mask": 0, "special_tokens_mask": 1, "offset_mapping": (0, 0), "token_type_ids": 0}
+
+    def __init__(self, mask: DataCollatorForLanguageModeling, pad: DataCollatorForSeq2Seq):
+        self.mask, self.pad = mask, pad
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if "labels" in examples[0]:
+            return self.pad(examples)
+        longest = max(len(example["input_ids"]) for example in examples)
+        fill = {**self.PADDING, "input_ids": self.mask.tokenizer.pad_token_id}
+        return self.mask([{key: list(values) + [fill[key]] * (longest - len(values)) for key, values in example.items()}
+                          for example in examples])
+
+
+TASK = MaskedLM()
