@@ -108,7 +108,7 @@ class CheckpointStore:
             logger.warning("checkpoint %s of run %s could not be downloaded (%s); trying an older one", name,
                            self.run_id, exc)
             return None
-        problem = _verify(local, self.fingerprint)
+        problem = verify(local, self.fingerprint)
         if problem:
             logger.warning("checkpoint %s of run %s is unusable (%s); trying an older one", name, self.run_id, problem)
             shutil.rmtree(local, ignore_errors=True)
@@ -132,7 +132,7 @@ class CheckpointStore:
         state_path.write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
-def _verify(local: Path, fingerprint: str) -> str | None:
+def verify(local: Path, fingerprint: str) -> str | None:
     manifest_path = local / MANIFEST
     if not manifest_path.is_file():
         return "no manifest: the upload did not finish"

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from pipelines import tracking
 from pipelines.config import DEFAULT_MODEL, UserError
+from pipelines.warmstart import InitWeights, resolve_init
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,16 @@ class ModelSource:
     name: str  # as the user gave it
     path: str  # local folder or hub id that from_pretrained loads
     digest: str  # content hash of a local folder, or the hub id
+    init: InitWeights | None = None  # weights to start from instead of the model's own (init_from)
+
+
+def resolve_training_model(cfg, cache_dir: Path, task) -> ModelSource:
+    """``cfg.model`` (see resolve_model) and, with ``cfg.init_from``, the weights to start from."""
+    model = resolve_model(cfg.model, cache_dir, task)
+    if not cfg.init_from:
+        return model
+    init = resolve_init(cfg.init_from, cache_dir, cfg.init_ema, cfg.init_epoch)
+    return ModelSource(model.name, model.path, model.digest, init)
 
 
 def resolve_model(name: str, cache_dir: Path, task=None) -> ModelSource:

@@ -16,7 +16,7 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainerState, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 
-from pipelines import faults
+from pipelines import faults, techniques, warmstart
 from pipelines.checkpoints import CheckpointStore
 from pipelines.config import StageConfig
 from pipelines.data import Dataset
@@ -92,16 +92,22 @@ def fit(
     checkpoint = store.restore(output_dir)
     set_seed(cfg.seed)
     built = task.build(cfg, model.path, data)
-    # the caller's callbacks first: a lost lease must stop a worker before it logs or uploads anything
-    callbacks = [*(callbacks or []), MlflowMetrics(tracker, run_id), UploadCheckpoints(store)]
+    start, hooks = _start(cfg, model, built, checkpoint, len(train), work_dir)
+    averages = techniques.averaging_callbacks(cfg, checkpoint)
+    # the caller's callbacks first: a lost lease must stop a worker before it logs or uploads anything; the
+    # averages before the upload: their state goes into each checkpoint folder
+    callbacks = [*(callbacks or []), *hooks, *averages, MlflowMetrics(tracker, run_id), UploadCheckpoints(store)]
     if cfg.early_stopping_patience and valid is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = task.trainer(cfg, built, _arguments(cfg, output_dir, validate=valid is not None), train, valid,
                            callbacks)
+    techniques.install(cfg, trainer, train, averages, len(data.labels))
+    if checkpoint is not None:
+        trainer.args.eval_on_start = False  # the evaluation before training was logged by the first attempt
     if checkpoint and _stopped(checkpoint):
-        _finish_stopped(trainer, checkpoint, run_id)
+        _finish_stopped(trainer, checkpoint, run_id, averages)
     else:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
     if save_model:
         model_dir = work_dir / "model"
         task.save(trainer, built, model_dir, cfg)
@@ -112,6 +118,21 @@ def fit(
     metrics.update(epochs_trained=trainer.state.epoch,
                    best_epoch=_best_epoch(trainer.state.log_history, cfg.metric, cfg.greater_is_better()))
     return FitResult(metrics=metrics, predictions=predictions)
+
+
+def _start(cfg: StageConfig, model: ModelSource, built, checkpoint: Path | None, train_rows: int,
+           work_dir: Path) -> tuple[Path | None, list[TrainerCallback]]:
+    """Where training starts: the run's own checkpoint (resume); else, with ``init_from``, its weights, and for
+    ``init_epoch=continue`` a checkpoint folder at its epoch whose schedule is moved on to that step; else the
+    model as built."""
+    if checkpoint is not None or model.init is None:
+        return checkpoint, []
+    warmstart.load_weights(built.network, model.init, cfg.init_ema)
+    if cfg.init_epoch != "continue":
+        return None, []
+    folder, step = warmstart.continue_folder(built.network, built.tokenizer, model.init, cfg, train_rows,
+                                             work_dir / "init")
+    return folder, [techniques.ScheduleFrom(step)]
 
 
 def _arguments(cfg: StageConfig, output_dir: Path, validate: bool) -> dict:
@@ -151,7 +172,7 @@ def _stopped(checkpoint: Path) -> bool:
     return bool(control.get("args", {}).get("should_training_stop"))
 
 
-def _finish_stopped(trainer: Trainer, checkpoint: Path, run_id: str) -> None:
+def _finish_stopped(trainer: Trainer, checkpoint: Path, run_id: str, averages: list) -> None:
     """End a run whose process died after early stopping's last checkpoint, without training another step
     (``trainer.train`` would reset the stop decision and train on): the state and the model that the end of
     training would have left (the best checkpoint's weights with ``load_best_model_at_end``)."""
@@ -160,6 +181,9 @@ def _finish_stopped(trainer: Trainer, checkpoint: Path, run_id: str) -> None:
     source = Path(best) if trainer.args.load_best_model_at_end and best else checkpoint
     loaded = type(trainer.model).from_pretrained(str(source))
     trainer.model.load_state_dict(loaded.state_dict())
+    for average in averages:  # the EMA of that checkpoint, as the end of training would have left it
+        average.load(source / average.FILE)
+        average.copy_into(trainer.model)
     logger.info("training had already stopped at step %d run=%s: finishing from %s without training",
                 trainer.state.global_step, run_id, source.name)
 

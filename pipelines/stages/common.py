@@ -94,10 +94,13 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
     return result
 
 
-def run_as_unit(ctx: StageContext, train: pd.DataFrame, valid: pd.DataFrame | None) -> FitResult:
-    """Stages whose parent run is their only unit (`train`, `retrain`): restore it when done, else fit it.
+def run_as_unit(ctx: StageContext, train: pd.DataFrame, valid: pd.DataFrame | None,
+                publish: Callable[[FitResult], None] | None = None) -> FitResult:
+    """Stages whose parent run is their only unit (`train`, `retrain`, `tapt`): restore it when done, else fit it.
 
-    A second worker on the same run waits while the first one trains, then restores its result.
+    A second worker on the same run waits while the first one trains, then restores its result. ``publish``
+    (e.g. registering the model) runs after the unit is done and before the run is finished, also on a resume
+    of a run that died in between; it must skip what it already did.
     """
     tracker, run_id = ctx.tracker, ctx.parent_id
     with ctx.leases.wait_for(run_id, "unit") as lease:
@@ -112,6 +115,8 @@ def run_as_unit(ctx: StageContext, train: pd.DataFrame, valid: pd.DataFrame | No
                             f"epoch {run.data.tags.get('checkpoint_epoch')} checkpoint ({checkpoint})"
                             if checkpoint else "the start (no checkpoint)")
             result = fit_unit(ctx, run_id, train, valid, lease)
+        if publish is not None:
+            publish(result)
         tracker.finish(run_id)
     return result
 

@@ -40,7 +40,7 @@ from pipelines.leases import Lease, LeaseStore, owner_alive
 from pipelines.models import ModelSource
 from pipelines.study import redact
 from pipelines.tasks import Task, get_task
-from pipelines.tracking import UNFINISHED, WORKER_TAG, Tracker, state_storage
+from pipelines.tracking import UNFINISHED, WORKER_TAG, Tracker, model_source_run, state_storage
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ BEST_PARAMS_ARTIFACT = "best_params.json"
 STATUS_REASON_TAG = "status_reason"
 VERSIONED = ("torch", "transformers", "mlflow", "optuna")
 PARENT_TAG = "mlflow.parentRunId"
+MODEL_SOURCE_TAG = "model_source_run_id"  # the run (e.g. tapt) whose logged or registered model a stage starts from
 PROJECT_ENTRY_TAG = "mlflow.project.entryPoint"  # set by `mlflow run` on its launcher run
 OPEN_TIMEOUT = 600  # seconds a worker waits for another one choosing the same parent
 
@@ -96,12 +97,27 @@ def open_stage(stage: str, cfg: Coordinated, data: Dataset, model: ModelSource, 
     """
     if getattr(cfg, "params_from", ""):
         cfg = _with_best_params(cfg, tracker)
+    init = getattr(model, "init", None)
     inputs = {"stage": stage, **cfg.result_settings(), "data_digest": data.digest, "model_digest": model.digest,
-              **(extra_inputs or {})}
+              **({"init_digest": init.digest} if init else {}), **(extra_inputs or {})}
     ctx = StageContext(stage, cfg, tracker, inputs, fingerprint(inputs), data=data, model=model)
-    source = getattr(cfg, "params_from", "")
-    tags = {"data_digest": data.digest, **({"params_source": source} if source else {})}
-    return _open(ctx, tags, {"data_digest": data.digest, "model_digest": model.digest}, checked_tags)
+    return _open(ctx, lineage_tags(cfg, data, model), {"data_digest": data.digest, "model_digest": model.digest},
+                 checked_tags)
+
+
+def lineage_tags(cfg: Coordinated, data: Dataset, model: ModelSource) -> dict[str, str]:
+    """Where a stage's inputs come from, visible in the UI: the run whose model it starts from
+    (``MODEL_SOURCE_TAG``), the init_from source, the params_from run, the config variant."""
+    tags = {"data_digest": data.digest}
+    source_run = model_source_run(model.name)
+    if source_run:
+        tags[MODEL_SOURCE_TAG] = source_run
+    if getattr(model, "init", None):
+        tags["init_from"] = model.init.source
+    for name, tag in (("params_from", "params_source"), ("variant", "variant")):
+        if getattr(cfg, name, ""):
+            tags[tag] = getattr(cfg, name)
+    return tags
 
 
 def open_run(stage: str, cfg: Coordinated, tracker: Tracker, inputs: dict, tags: dict) -> StageContext:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from pipelines.config import KFoldConfig
 from pipelines.leases import LeaseLost
-from pipelines.models import resolve_model
+from pipelines.models import resolve_training_model
 from pipelines.stages.common import fit_unit, log_once, restore_unit, share_units, unit_done, upload_frame
 from pipelines.stages.contract import StageContext, open_stage
 from pipelines.tasks import get_task
@@ -28,7 +28,7 @@ def run(cfg: KFoldConfig) -> dict[str, float]:
     data = task.load(cfg)
     folds = task.folds(data, cfg)
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_model(cfg.model, Path(cache), task)
+        model = resolve_training_model(cfg, Path(cache), task)
         ctx = open_stage("kfold", cfg, data, model, tracker)
         results, _ = cross_validate(ctx, folds)
         oof = pd.concat([r.predictions.assign(fold=i) for i, r in enumerate(results)]).sort_values("row_id")

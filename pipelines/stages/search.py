@@ -26,7 +26,7 @@ from transformers import AutoConfig, TrainerCallback
 
 from pipelines.config import ConfigError, OptunaConfig, fingerprint
 from pipelines.faults import raise_if
-from pipelines.models import resolve_model
+from pipelines.models import resolve_training_model
 from pipelines.rouge import score_rows
 from pipelines.stages.common import PREDICTIONS_ARTIFACT, fit_unit, log_once, upload_frame
 from pipelines.stages.contract import BEST_PARAMS_ARTIFACT, StageContext, open_stage, upload_json
@@ -85,7 +85,7 @@ def run(cfg: OptunaConfig) -> dict:
     folds = task.folds(data, cfg) if cfg.objective == "cv" else None
     valid = task.holdout(data, cfg) if cfg.objective != "cv" else None
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_model(cfg.model, Path(cache), task)
+        model = resolve_training_model(cfg, Path(cache), task)
         if cfg.objective == "generate" and not is_seq2seq(AutoConfig.from_pretrained(model.path)):
             raise ConfigError(f"objective=generate scores a fine-tuned summarizer, and model {cfg.model} is an "
                               "encoder-only checkpoint; pass model=runs:/<train run id>/model")

@@ -1,0 +1,141 @@
+"""``init_from``: fine-tune from the weights of an existing checkpoint, in a new run with a fresh optimizer.
+
+Not ``resume`` (which continues the same run from its checkpoint with its optimizer, scheduler and random
+states): ``init_from`` takes only weights (optionally the checkpoint's EMA weights), and with
+``init_epoch=continue`` its epoch counter and learning-rate schedule position.
+
+Sources: a Trainer checkpoint folder, a model folder, ``runs:/<run_id>/<path>``, or the id of a unit run
+(its logged ``model/`` once finished, else its latest verified checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers.trainer import TRAINER_STATE_NAME
+
+from pipelines import tracking
+from pipelines.checkpoints import MANIFEST, TAG, verify
+from pipelines.config import ConfigError, StageConfig
+from pipelines.techniques import EMA
+
+logger = logging.getLogger(__name__)
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class InitWeights:
+    source: str  # as the user gave it
+    path: Path  # local folder
+    epoch: float | None  # epochs its Trainer state had trained (None: a model folder without one)
+    digest: str  # of everything in the folder
+
+
+def resolve_init(source: str, cache_dir: Path, ema: bool, epoch: str) -> InitWeights:
+    """Fetch and check ``init_from`` before any run is created."""
+    from pipelines.models import folder_digest  # models imports this module
+
+    path = _fetch(source, cache_dir)
+    if not any((path / name).is_file() for name in WEIGHTS):
+        raise ConfigError(f"init_from={source}: {path} holds no weights ({' or '.join(WEIGHTS)}); pass a checkpoint "
+                          "or model folder, runs:/<run_id>/<path> or a unit run id")
+    if ema and not (path / EMA.FILE).is_file():
+        raise ConfigError(f"init_ema=true but init_from={source} has no {EMA.FILE}: it was not trained with "
+                          "ema_decay (or is a saved model, which already holds its EMA weights); pass init_ema=false")
+    trained = _epoch(path)
+    if epoch == "continue" and (trained is None or trained != int(trained)):
+        raise ConfigError(f"init_epoch=continue needs a checkpoint saved at the end of an epoch; init_from={source} "
+                          f"has {'no trainer state' if trained is None else f'epoch {trained}'}. Pass "
+                          "init_epoch=restart, or a Trainer checkpoint folder")
+    return InitWeights(source, path, trained, folder_digest(path, recursive=True))
+
+
+def _fetch(source: str, cache_dir: Path) -> Path:
+    if source.startswith("runs:/"):
+        return _download(source, cache_dir)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if RUN_ID.match(source):
+        return _from_run(source, cache_dir)
+    raise ConfigError(f"init_from={source} is neither a folder, runs:/<run_id>/<path> nor a run id")
+
+
+def _download(uri: str, cache_dir: Path) -> Path:
+    try:
+        return tracking.download_model(uri, cache_dir / "init")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"init_from: {exc}") from None
+
+
+def _from_run(run_id: str, cache_dir: Path) -> Path:
+    """A unit run's model once it finished, else its latest verified checkpoint."""
+    status, tags = tracking.run_state(run_id)
+    if status == "FINISHED":
+        return _download(f"runs:/{run_id}/model", cache_dir)
+    if not tags.get(TAG):
+        raise ConfigError(f"init_from={run_id}: the run is {status} and has no checkpoint yet; pass a finished run "
+                          "or one that has saved a checkpoint")
+    local = _download(f"runs:/{run_id}/{tags[TAG]}", cache_dir)
+    manifest = json.loads((local / MANIFEST).read_text()) if (local / MANIFEST).is_file() else {}
+    problem = verify(local, manifest.get("fingerprint"))
+    if problem:
+        raise ConfigError(f"init_from={run_id}: its checkpoint {tags[TAG]} is unusable ({problem})")
+    return local
+
+
+def _epoch(path: Path) -> float | None:
+    state = path / TRAINER_STATE_NAME
+    return json.loads(state.read_text()).get("epoch") if state.is_file() else None
+
+
+def load_weights(network: torch.nn.Module, init: InitWeights, ema: bool) -> None:
+    """Copy ``init``'s weights (or EMA weights) into ``network``; names that match must have the same shapes, a
+    head of another task (missing or extra names) is left as built."""
+    if ema:
+        weights = torch.load(init.path / EMA.FILE, weights_only=True)["average"]
+    elif (init.path / WEIGHTS[0]).is_file():
+        weights = load_file(str(init.path / WEIGHTS[0]))
+    else:
+        weights = torch.load(init.path / WEIGHTS[1], weights_only=True)
+    own = network.state_dict()
+    wrong = [name for name, tensor in weights.items() if name in own and own[name].shape != tensor.shape]
+    if wrong or not set(weights) & set(own):
+        raise ConfigError(f"init_from={init.source} does not fit this model: "
+                          f"{'shapes differ for ' + ', '.join(wrong[:5]) if wrong else 'no parameter name matches'}. "
+                          "Pass a checkpoint of the same architecture as `model`")
+    result = network.load_state_dict(weights, strict=False)
+    logger.info("init_from=%s: %d tensors loaded%s; new (kept as built): %s; not used: %s", init.source,
+                len(set(weights) & set(own)), " (EMA)" if ema else "", result.missing_keys[:8] or "none",
+                result.unexpected_keys[:8] or "none")
+
+
+def continue_folder(network, tokenizer, init: InitWeights, cfg: StageConfig, train_rows: int,
+                    dst: Path) -> tuple[Path, int]:
+    """A checkpoint folder from which ``Trainer.train`` starts at ``init``'s epoch with the loaded weights but
+    no optimizer, scheduler or random state (those stay fresh)."""
+    epoch = int(init.epoch)
+    if cfg.epochs <= epoch:
+        raise ConfigError(f"init_epoch=continue: epochs={cfg.epochs} must exceed the {epoch} epoch(s) init_from has "
+                          "trained (epochs counts them too)")
+    per_epoch = max(math.ceil(math.ceil(train_rows / cfg.batch_size) / cfg.gradient_accumulation_steps), 1)
+    shutil.rmtree(dst, ignore_errors=True)
+    network.save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    state = json.loads((init.path / TRAINER_STATE_NAME).read_text())
+    state.update(epoch=float(epoch), global_step=epoch * per_epoch, log_history=[], best_metric=None,
+                 best_global_step=None, best_model_checkpoint=None, stateful_callbacks={},
+                 train_batch_size=cfg.batch_size)
+    (dst / TRAINER_STATE_NAME).write_text(json.dumps(state))
+    logger.info("init_epoch=continue: training starts at epoch %d (step %d) with a fresh optimizer", epoch,
+                epoch * per_epoch)
+    return dst, epoch * per_epoch
