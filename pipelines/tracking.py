@@ -319,6 +319,12 @@ class Tracker:
         keys = self.client.get_run(run_id).data.metrics
         return {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in keys}
 
+    def first_values(self, run_id: str, keys: list[str]) -> dict[str, float]:
+        """Each metric's value at its lowest step (e.g. the evaluation before training), for those logged."""
+        logged = self.client.get_run(run_id).data.metrics
+        return {k: min(self.client.get_metric_history(run_id, k), key=lambda m: (m.step, m.timestamp)).value
+                for k in keys if k in logged}
+
     def metrics(self, run_id: str) -> dict[str, float]:
         return dict(self.client.get_run(run_id).data.metrics)
 
@@ -372,6 +378,34 @@ def download_model(uri: str, dst: str | Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
     except mlflow.exceptions.MlflowException as exc:
         raise FileNotFoundError(f"model {uri} could not be downloaded: {exc.message}") from None
+
+
+def model_source_run(uri: str) -> str | None:
+    """The run a ``runs:/<run_id>/...`` or ``models:/<name>@<alias>`` (``/<version>``) model comes from."""
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/", 1)[0] or None
+    if not uri.startswith("models:/"):
+        return None
+    tracking_uri()
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    try:
+        if ref:
+            return client.get_model_version_by_alias(name, ref).run_id or None
+        name, _, version = name.partition("/")
+        return client.get_model_version(name, version).run_id or None
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def run_state(run_id: str) -> tuple[str, dict[str, str]]:
+    """Status and tags of run ``run_id`` (NotFound when there is none)."""
+    tracking_uri()
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise NotFound(f"run {run_id} not found in {tracking_uri()}: {exc.message}") from None
+    return run.info.status, dict(run.data.tags)
 
 
 def load_pyfunc(uri: str):
@@ -439,6 +473,18 @@ def logged_model_uri(run_id: str, name: str = "model") -> str | None:
 def register_model(model_uri: str, name: str) -> str:
     """Register ``model_uri`` as a new version of ``name`` (created if needed); returns the version."""
     return str(mlflow.register_model(model_uri, name).version)
+
+
+def register_run_folder(run_id: str, artifact_path: str, name: str) -> str:
+    """Register run ``run_id``'s plain artifact folder ``artifact_path`` (a transformers model, not an MLflow
+    logged model, which ``mlflow.register_model`` insists on) as a new version of ``name``; returns the version."""
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    return str(client.create_model_version(name, source=source, run_id=run_id).version)
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
