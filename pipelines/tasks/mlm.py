@@ -6,7 +6,8 @@ masks exactly as an uninterrupted run). ``whole_word_mask`` masks every token of
 run of text between spaces (for Korean, an eojeol). Validation rows are masked once, by ``seed`` and row id,
 every chosen token replaced by the mask token: the loss is comparable across epochs, resumes and folds, and
 ``top1_accuracy``/``top5_accuracy`` are fill-mask accuracies (the original token is the model's first / among
-its five first guesses at a masked position). ``perplexity`` is exp of the mean cross-entropy per masked token.
+its five first guesses at a masked position). ``eval_loss`` is the mean cross-entropy per masked token (not
+per batch) and ``perplexity`` its exp.
 """
 
 from __future__ import annotations
@@ -114,10 +115,23 @@ def fill_mask_scores(top_ids: np.ndarray, losses: np.ndarray, labels: np.ndarray
 
 
 def summarize(rows: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per masked token of all rows: ``loss`` (mean cross-entropy), its exp ``perplexity``, fill-mask accuracies."""
     tokens = max(int(rows["masked_tokens"].sum()), 1)
-    return {"top1_accuracy": float(rows["top1_hits"].sum() / tokens),
-            "top5_accuracy": float(rows["top5_hits"].sum() / tokens),
-            "perplexity": float(np.exp(rows["loss_sum"].sum() / tokens))}
+    loss = float(rows["loss_sum"].sum() / tokens)
+    return {"loss": loss, "perplexity": float(np.exp(loss)), "top1_accuracy": float(rows["top1_hits"].sum() / tokens),
+            "top5_accuracy": float(rows["top5_hits"].sum() / tokens)}
+
+
+class MaskedLMTrainer(Trainer):
+    """``eval_loss`` per masked token (the Trainer's own is a mean of per-batch means, which depends on the
+    evaluation batch size and disagrees with ``perplexity``)."""
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if f"{prefix}_token_loss" in output.metrics:
+            output.metrics[f"{prefix}_loss"] = output.metrics.pop(f"{prefix}_token_loss")
+        return output
 
 
 class MaskedLM(Task):
@@ -166,9 +180,10 @@ class MaskedLM(Task):
 
         def compute_metrics(eval_pred) -> dict[str, float]:
             top_ids, losses = eval_pred.predictions
-            return summarize(fill_mask_scores(top_ids, losses, eval_pred.label_ids))
+            metrics = summarize(fill_mask_scores(top_ids, losses, eval_pred.label_ids))
+            return {"token_loss": metrics.pop("loss"), **metrics}  # the Trainer would overwrite "loss"
 
-        return Trainer(
+        return MaskedLMTrainer(
             model=built.network,
             # the evaluation before training is the base model's (logged at step 0)
             args=TrainingArguments(**args, per_device_eval_batch_size=cfg.eval_batch_size,
@@ -185,8 +200,7 @@ class MaskedLM(Task):
     def evaluate(self, trainer, built, valid, cfg, data) -> tuple[dict[str, float], pd.DataFrame]:
         output = trainer.predict(trainer.eval_dataset)
         rows = fill_mask_scores(*output.predictions, output.label_ids)
-        metrics = {"loss": output.metrics["test_loss"], **summarize(rows)}
-        return metrics, pd.DataFrame({"row_id": valid["row_id"].to_numpy(), **rows})
+        return summarize(rows), pd.DataFrame({"row_id": valid["row_id"].to_numpy(), **rows})
 
 
 class _Collate:
