@@ -92,16 +92,18 @@ def fit(
     checkpoint = store.restore(output_dir)
     set_seed(cfg.seed)
     built = task.build(cfg, model.path, data)
-    start, hooks = _start(cfg, model, built, checkpoint, len(train), work_dir)
+    if checkpoint is None and model.init is not None:
+        warmstart.load_weights(built.network, model.init, cfg.init_ema)
     averages = techniques.averaging_callbacks(cfg, checkpoint)
     # the caller's callbacks first: a lost lease must stop a worker before it logs or uploads anything; the
     # averages before the upload: their state goes into each checkpoint folder
-    callbacks = [*(callbacks or []), *hooks, *averages, MlflowMetrics(tracker, run_id), UploadCheckpoints(store)]
+    callbacks = [*(callbacks or []), *averages, MlflowMetrics(tracker, run_id), UploadCheckpoints(store)]
     if cfg.early_stopping_patience and valid is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = task.trainer(cfg, built, _arguments(cfg, output_dir, validate=valid is not None), train, valid,
                            callbacks)
     techniques.install(cfg, trainer, train, averages, len(data.labels))
+    start = checkpoint or _continue_from(cfg, model, built, trainer, len(train), work_dir)
     if checkpoint is not None:
         trainer.args.eval_on_start = False  # the evaluation before training was logged by the first attempt
     if checkpoint and _stopped(checkpoint):
@@ -120,19 +122,16 @@ def fit(
     return FitResult(metrics=metrics, predictions=predictions)
 
 
-def _start(cfg: StageConfig, model: ModelSource, built, checkpoint: Path | None, train_rows: int,
-           work_dir: Path) -> tuple[Path | None, list[TrainerCallback]]:
-    """Where training starts: the run's own checkpoint (resume); else, with ``init_from``, its weights, and for
-    ``init_epoch=continue`` a checkpoint folder at its epoch whose schedule is moved on to that step; else the
-    model as built."""
-    if checkpoint is not None or model.init is None:
-        return checkpoint, []
-    warmstart.load_weights(built.network, model.init, cfg.init_ema)
-    if cfg.init_epoch != "continue":
-        return None, []
+def _continue_from(cfg: StageConfig, model: ModelSource, built, trainer: Trainer, train_rows: int,
+                   work_dir: Path) -> Path | None:
+    """With ``init_from`` and ``init_epoch=continue``: a checkpoint folder at its epoch, holding the loaded weights
+    and the fresh callbacks' states, from which training starts with its schedule moved on to that step."""
+    if model.init is None or cfg.init_epoch != "continue":
+        return None
     folder, step = warmstart.continue_folder(built.network, built.tokenizer, model.init, cfg, train_rows,
-                                             work_dir / "init")
-    return folder, [techniques.ScheduleFrom(step)]
+                                             trainer.state.stateful_callbacks, work_dir / "init")
+    trainer.add_callback(techniques.ScheduleFrom(step))
+    return folder
 
 
 def _arguments(cfg: StageConfig, output_dir: Path, validate: bool) -> dict:

@@ -120,9 +120,10 @@ def load_weights(network: torch.nn.Module, init: InitWeights, ema: bool) -> None
 
 
 def continue_folder(network, tokenizer, init: InitWeights, cfg: StageConfig, train_rows: int,
-                    dst: Path) -> tuple[Path, int]:
-    """A checkpoint folder from which ``Trainer.train`` starts at ``init``'s epoch with the loaded weights but
-    no optimizer, scheduler or random state (those stay fresh)."""
+                    callback_states: dict, dst: Path) -> tuple[Path, int]:
+    """A checkpoint folder from which ``Trainer.train`` starts at ``init``'s epoch with the loaded weights and
+    ``callback_states`` (the new run's, e.g. a fresh early-stopping patience), but no optimizer, scheduler or
+    random state (those stay fresh)."""
     epoch = int(init.epoch)
     if cfg.epochs <= epoch:
         raise ConfigError(f"init_epoch=continue: epochs={cfg.epochs} must exceed the {epoch} epoch(s) init_from has "
@@ -133,7 +134,7 @@ def continue_folder(network, tokenizer, init: InitWeights, cfg: StageConfig, tra
     tokenizer.save_pretrained(dst)
     state = json.loads((init.path / TRAINER_STATE_NAME).read_text())
     state.update(epoch=float(epoch), global_step=epoch * per_epoch, log_history=[], best_metric=None,
-                 best_global_step=None, best_model_checkpoint=None, stateful_callbacks={},
+                 best_global_step=None, best_model_checkpoint=None, stateful_callbacks=callback_states,
                  train_batch_size=cfg.batch_size)
     (dst / TRAINER_STATE_NAME).write_text(json.dumps(state))
     logger.info("init_epoch=continue: training starts at epoch %d (step %d) with a fresh optimizer", epoch,

@@ -31,6 +31,10 @@ CASES = {
     "k_folds too large": (lambda d, m: {"k_folds": 41}, ["k_folds=41 is larger than the smallest class",
                                                            "lower k_folds to at most 40"]),
     "bad setting": (lambda d, m: {"scheduler_type": "triangle"}, ["scheduler_type='triangle' is not one of"]),
+    "ema_decay out of range": (lambda d, m: {"ema_decay": 1.5}, ["ema_decay=1.5 must be in (0, 1)"]),
+    "unknown variant": (lambda d, m: {"config_file": _write(d.parent / "v.yaml", "variants: {small: {epochs: 1}}\n"),
+                                      "variant": "large"},
+                        ["variant='large' is not in config_file", "its variants are small"]),
 }
 
 

@@ -64,3 +64,51 @@ def test_fingerprint_ignores_settings_that_do_not_change_results():
     different = KFoldConfig(learning_rate=1e-4)
     assert fingerprint(base.result_settings()) == fingerprint(same.result_settings())
     assert fingerprint(base.result_settings()) != fingerprint(different.result_settings())
+
+
+VARIANTS = """\
+learning_rate: 1.0e-4
+epochs: 3
+variant: small
+variants:
+  small: {batch_size: 8, max_length: 64}
+  large: {batch_size: 4, max_length: 256, learning_rate: 2.0e-5, ema_decay: 0.999}
+"""
+
+
+def test_variant_from_yaml_with_config_override(tmp_path):
+    path = tmp_path / "variants.yaml"
+    path.write_text(VARIANTS)
+    # defaults < the file's top level < the variant < flags < --config
+    cfg = parse_config(TrainConfig, ["--config_file", str(path), "--variant", "large", "--max_length", "128",
+                                     "--config", "learning_rate=3e-5"])
+    assert (cfg.variant, cfg.batch_size, cfg.max_length, cfg.learning_rate, cfg.ema_decay, cfg.epochs) == \
+        ("large", 4, 128, 3e-5, 0.999, 3)
+    default = parse_config(TrainConfig, ["--config_file", str(path)])  # the file's own `variant:`
+    assert (default.variant, default.batch_size, default.max_length, default.learning_rate) == ("small", 8, 64, 1e-4)
+    chosen = parse_config(TrainConfig, ["--config_file", str(path), "--config", "variant=large"])
+    assert chosen.batch_size == 4
+    # the name is a label (a tag), the settings it resolves to are what the fingerprint sees
+    named = parse_config(TrainConfig, ["--config_file", str(path), "--variant", "large"])
+    plain = parse_config(TrainConfig, ["--batch_size", "4", "--max_length", "256", "--learning_rate", "2e-5",
+                                       "--ema_decay", "0.999", "--epochs", "3"])
+    assert fingerprint(named.result_settings()) == fingerprint(plain.result_settings())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "huge"], "variant='huge' is not in config_file .* its variants are small, large"),
+    (["--variant", "small", "--config_file", ""], "no config_file was given"),
+    (["--ema_decay", "1.5"], "ema_decay=1.5 must be in \\(0, 1\\)"),
+    (["--swa_epochs", "5", "--epochs", "3"], "swa_epochs=5"),
+    (["--ema_decay", "0.9", "--swa_epochs", "1"], "cannot be combined with ema_decay"),
+    (["--layerwise_lr_decay", "0"], "layerwise_lr_decay=0.0"),
+    (["--loss", "focal", "--label_smoothing", "0.1"], "label_smoothing"),
+    (["--init_epoch", "continue"], "init_epoch and init_ema only apply with init_from"),
+    (["--task", "mlm", "--loss", "focal"], "loss is a classification setting"),
+])
+def test_invalid_techniques_and_variants_are_refused(tmp_path, argv, message):
+    path = tmp_path / "variants.yaml"
+    path.write_text(VARIANTS)
+    argv = ["--config_file", str(path), *argv] if "--config_file" not in argv else argv
+    with pytest.raises(ConfigError, match=message):
+        parse_config(TrainConfig, argv)
