@@ -81,26 +81,35 @@ def test_fill_mask_accuracy_matches_an_independent_computation(mlm_setup, tmp_pa
     assert logged["eval_loss"] == pytest.approx(metrics["loss"]) and logged["eval_top5_accuracy"] == hits5 / tokens
 
 
-def test_whole_word_masking_masks_whole_korean_eojeols():
+def test_training_masks_whole_korean_eojeols_by_seed_epoch_and_example():
+    from transformers import DataCollatorForSeq2Seq
+
+    from pipelines.tasks.mlm import TokenDataset, _Collate
+
     texts = ["오늘은 날씨가 정말 좋아서 공원에 산책을 나갔습니다.", "이 영화는 배우들의 연기가 훌륭했어요!",
-             "배송이 빨라서 만족스럽습니다", "다음에도 이 가게에서 주문하겠습니다."] * 20
+             "배송이 빨라서 만족스럽습니다", "다음에도 이 가게에서 주문하겠습니다."] * 10
     tokenizer = make_wordpiece_tokenizer(texts[:4])
     cfg = parse_config(TaptConfig, ["--whole_word_mask", "true", "--mlm_probability", "0.3"])
-    collator = masking_collator(tokenizer, cfg, mask_replace_prob=1.0, random_replace_prob=0.0)
-    torch.manual_seed(0)
-    encoded = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, padding=True)
-    batch = collator.torch_call([{k: encoded[k][i] for k in encoded} for i in range(len(texts))])
+    tokens = TokenDataset(tokenizer, texts, 64, offsets=True)
+    collate = _Collate(masking_collator(tokenizer, cfg), DataCollatorForSeq2Seq(tokenizer), cfg.seed)
+    batch = collate([tokens[i] for i in range(len(texts))])  # the training path: pads offsets itself, masks
     split_words = 0
     for row, text in enumerate(texts):
-        offsets, masked = encoded["offset_mapping"][row], (batch["labels"][row] != -100).tolist()
+        offsets = tokens.encodings["offset_mapping"][row]
+        masked = (batch["labels"][row] != -100).tolist()
         words: dict[int, set[bool]] = {}
         for (start, end), is_masked in zip(offsets, masked):
-            if end > start:  # not a special or padding token
-                word = text[:start].count(" ")  # eojeols are separated by single spaces here
-                words.setdefault(word, set()).add(is_masked)
-                split_words += len([t for t in offsets if t[1] > t[0] and text[:t[0]].count(" ") == word]) > 1
+            if end > start:  # not a special token
+                words.setdefault(text[:start].count(" "), set()).add(is_masked)  # eojeols: between single spaces
         assert all(len(flags) == 1 for flags in words.values()), f"a word of {text!r} was partly masked"
+        split_words += sum(1 for t in offsets if t[1] > t[0]) > len(words)
     assert split_words > 0 and batch["labels"].ne(-100).any()  # words were split into pieces, and some masked
+    # an example's mask depends on (seed, epoch, example) only: not on its batch or the global RNG
+    torch.manual_seed(123)
+    alone = collate([tokens[5]])
+    assert torch.equal(alone["labels"][0], batch["labels"][5][: alone["labels"].shape[1]])
+    collate.epoch = 1
+    assert not torch.equal(collate([tokens[i] for i in range(len(texts))])["labels"], batch["labels"])
 
 
 def test_a_model_without_masked_lm_form_is_refused(tmp_path):

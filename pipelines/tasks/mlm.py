@@ -1,9 +1,11 @@
 """`task=mlm`: masked-LM training on unlabelled text (task-adaptive pretraining, the `tapt` stage).
 
-Training masks ``mlm_probability`` of the tokens of each batch afresh (transformers'
-``DataCollatorForLanguageModeling``, on the global RNG that Trainer checkpoints save and restore, so a resume
-masks exactly as an uninterrupted run). ``whole_word_mask`` masks every token of a chosen word, a word being a
-run of text between spaces (for Korean, an eojeol). Validation rows are masked once, by ``seed`` and row id,
+Training masks ``mlm_probability`` of the tokens of each example afresh every epoch (transformers'
+``DataCollatorForLanguageModeling``), with a generator seeded by (``seed``, epoch, example): not the global RNG,
+which the Trainer's prefetching of batches around a mid-epoch checkpoint would desynchronise, so a resumed run
+masks exactly as an uninterrupted one. ``whole_word_mask`` masks every token of a chosen word, a word being a
+run of text between spaces (for Korean, an eojeol); transformers then replaces every chosen token by the mask
+token (no 10 % random / 10 % kept). Validation rows are masked once, by ``seed`` and row id,
 every chosen token replaced by the mask token: the loss is comparable across epochs, resumes and folds, and
 ``top1_accuracy``/``top5_accuracy`` are fill-mask accuracies (the original token is the model's first / among
 its five first guesses at a masked position). ``eval_loss`` is the mean cross-entropy per masked token (not
@@ -25,6 +27,7 @@ from transformers import (
     DataCollatorForLanguageModeling,
     DataCollatorForSeq2Seq,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -49,7 +52,7 @@ class TokenDataset(torch.utils.data.Dataset):
         return len(self.encodings["input_ids"])
 
     def __getitem__(self, i: int) -> dict:
-        return {key: values[i] for key, values in self.encodings.items()}
+        return {"index": i, **{key: values[i] for key, values in self.encodings.items()}}
 
 
 class MaskedDataset(torch.utils.data.Dataset):
@@ -77,16 +80,21 @@ def mask_fixed(tokenizer, frame: pd.DataFrame, cfg: StageConfig) -> MaskedDatase
     tokens = TokenDataset(tokenizer, frame["text"].tolist(), cfg.max_length, offsets=cfg.whole_word_mask)
     items = []
     for i, row_id in enumerate(frame["row_id"].tolist()):
-        key = hashlib.sha256(f"{cfg.seed}:{row_id}".encode()).digest()
-        collator.generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
-        item = tokens[i]
-        batch = collator.torch_call([item])
-        input_ids, labels = batch["input_ids"][0], batch["labels"][0]
+        item = {key: value for key, value in tokens[i].items() if key != "index"}
+        input_ids, labels = mask_one(collator, item, f"{cfg.seed}:{row_id}")
         if not (labels != -100).any():
             input_ids, labels = _mask_first_word(item, tokenizer.mask_token_id)
         items.append({"input_ids": input_ids.tolist(), "attention_mask": [1] * len(input_ids),
                       "labels": labels.tolist()})
     return MaskedDataset(items)
+
+
+def mask_one(collator: DataCollatorForLanguageModeling, item: dict, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``item`` masked by a generator seeded with ``key``: its input ids and labels."""
+    digest = hashlib.sha256(key.encode()).digest()
+    collator.generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    batch = collator.torch_call([item])
+    return batch["input_ids"][0], batch["labels"][0]
 
 
 def _mask_first_word(item: dict, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,18 +191,20 @@ class MaskedLM(Task):
             metrics = summarize(fill_mask_scores(top_ids, losses, eval_pred.label_ids))
             return {"token_loss": metrics.pop("loss"), **metrics}  # the Trainer would overwrite "loss"
 
+        collate = _Collate(masking_collator(tokenizer, cfg), DataCollatorForSeq2Seq(tokenizer), cfg.seed)
         return MaskedLMTrainer(
             model=built.network,
             # the evaluation before training is the base model's (logged at step 0)
+            # remove_unused_columns=False: the collator needs the example index, offsets and special-token mask
             args=TrainingArguments(**args, per_device_eval_batch_size=cfg.eval_batch_size,
-                                   eval_on_start=valid is not None),
+                                   eval_on_start=valid is not None, remove_unused_columns=False),
             train_dataset=TokenDataset(tokenizer, train["text"].tolist(), cfg.max_length, cfg.whole_word_mask),
             eval_dataset=None if valid is None else mask_fixed(tokenizer, valid, cfg),
             processing_class=tokenizer,
-            data_collator=_Collate(masking_collator(tokenizer, cfg), DataCollatorForSeq2Seq(tokenizer)),
+            data_collator=collate,
             compute_metrics=compute_metrics,
             preprocess_logits_for_metrics=top_k_and_loss,
-            callbacks=callbacks,
+            callbacks=[*callbacks, MaskingEpoch(collate)],
         )
 
     def evaluate(self, trainer, built, valid, cfg, data) -> tuple[dict[str, float], pd.DataFrame]:
@@ -204,21 +214,34 @@ class MaskedLM(Task):
 
 
 class _Collate:
-    """Training batches (no labels yet) are padded here, offsets included (the tokenizer cannot pad those), and
-    masked; the fixed-masked validation batches are only padded."""
+    """Training examples masked one by one, by (``seed``, ``epoch``, example index), then padded; the
+    fixed-masked validation batches are only padded."""
 
-    PADDING = {"attention_mask": 0, "special_tokens_mask": 1, "offset_mapping": (0, 0), "token_type_ids": 0}
-
-    def __init__(self, mask: DataCollatorForLanguageModeling, pad: DataCollatorForSeq2Seq):
-        self.mask, self.pad = mask, pad
+    def __init__(self, mask: DataCollatorForLanguageModeling, pad: DataCollatorForSeq2Seq, seed: int):
+        self.mask, self.pad, self.seed = mask, pad, seed
+        self.epoch = 0  # set by MaskingEpoch before each epoch's batches are drawn
 
     def __call__(self, examples: list[dict]) -> dict:
         if "labels" in examples[0]:
             return self.pad(examples)
-        longest = max(len(example["input_ids"]) for example in examples)
-        fill = {**self.PADDING, "input_ids": self.mask.tokenizer.pad_token_id}
-        return self.mask([{key: list(values) + [fill[key]] * (longest - len(values)) for key, values in example.items()}
-                          for example in examples])
+        masked = []
+        for example in examples:
+            item = {key: value for key, value in example.items() if key != "index"}
+            input_ids, labels = mask_one(self.mask, item, f"{self.seed}:{self.epoch}:{example['index']}")
+            masked.append({"input_ids": input_ids.tolist(), "attention_mask": [1] * len(input_ids),
+                           "labels": labels.tolist()})
+        return self.pad(masked)
+
+
+class MaskingEpoch(TrainerCallback):
+    """Tells the collator the epoch whose batches are drawn next (``on_epoch_begin`` precedes the epoch's
+    dataloader iterator; after a mid-epoch resume ``state.epoch`` is fractional)."""
+
+    def __init__(self, collate: _Collate):
+        self.collate = collate
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collate.epoch = int(state.epoch + 1e-6)
 
 
 TASK = MaskedLM()
