@@ -42,8 +42,9 @@ class WeightAverage(TrainerCallback):
             saved = self.checkpoint / self.FILE
             if not saved.is_file():
                 raise RuntimeError(f"checkpoint {self.checkpoint} has no {self.FILE}: it was not saved by a run with "
-                                   "this averaging; it cannot be resumed bit for bit")
-            self.load(saved)
+                                   "this averaging, so it cannot be resumed bit for bit. Start a new run (resume=false), "
+                                   "or init_from=<that checkpoint> to keep its weights")
+            self.load(saved, model)
         elif self.average is None:
             self.start(model)
 
@@ -54,11 +55,17 @@ class WeightAverage(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         torch.save({"average": self.average, "count": self.count}, folder / self.FILE)
 
-    def load(self, path: Path) -> None:
-        saved = torch.load(path, weights_only=True)
+    def load(self, path: Path, model=None) -> None:
+        """The saved average, on the device of ``model``'s parameters (it may have been saved on another)."""
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         self.average, self.count = saved["average"], saved["count"]
+        if self.average is not None and model is not None:
+            devices = {name: parameter.device for name, parameter in model.named_parameters()}
+            self.average = {name: tensor.to(devices[name]) for name, tensor in self.average.items()}
 
     def copy_into(self, model) -> None:
+        if self.average is None:
+            return
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 parameter.copy_(self.average[name])
@@ -105,7 +112,7 @@ class EMA(WeightAverage):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best and (Path(best) / self.FILE).is_file():
-            self.load(Path(best) / self.FILE)
+            self.load(Path(best) / self.FILE, model)
         self.copy_into(model)
         logger.info("the model now holds the EMA of its weights (decay %g, %d steps)", self.decay, self.count)
 
@@ -119,8 +126,10 @@ class SWA(WeightAverage):
         super().__init__(checkpoint)
         self.epochs, self.total = epochs, total
 
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if round(state.epoch) <= self.total - self.epochs:
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        """At an epoch's last optimizer step (``state.epoch`` is then whole), which comes before that step's
+        checkpoint is saved (``on_epoch_end`` comes after it: a checkpoint there would miss the epoch)."""
+        if abs(state.epoch - round(state.epoch)) > 1e-6 or round(state.epoch) <= self.total - self.epochs:
             return
         self.count += 1
         if self.average is None:

@@ -181,7 +181,7 @@ def _finish_stopped(trainer: Trainer, checkpoint: Path, run_id: str, averages: l
     loaded = type(trainer.model).from_pretrained(str(source))
     trainer.model.load_state_dict(loaded.state_dict())
     for average in averages:  # the EMA of that checkpoint, as the end of training would have left it
-        average.load(source / average.FILE)
+        average.load(source / average.FILE, trainer.model)
         average.copy_into(trainer.model)
     logger.info("training had already stopped at step %d run=%s: finishing from %s without training",
                 trainer.state.global_step, run_id, source.name)

@@ -102,11 +102,11 @@ def load_weights(network: torch.nn.Module, init: InitWeights, ema: bool) -> None
     """Copy ``init``'s weights (or EMA weights) into ``network``; names that match must have the same shapes, a
     head of another task (missing or extra names) is left as built."""
     if ema:
-        weights = torch.load(init.path / EMA.FILE, weights_only=True)["average"]
+        weights = torch.load(init.path / EMA.FILE, map_location="cpu", weights_only=True)["average"]
     elif (init.path / WEIGHTS[0]).is_file():
         weights = load_file(str(init.path / WEIGHTS[0]))
     else:
-        weights = torch.load(init.path / WEIGHTS[1], weights_only=True)
+        weights = torch.load(init.path / WEIGHTS[1], map_location="cpu", weights_only=True)
     own = network.state_dict()
     wrong = [name for name, tensor in weights.items() if name in own and own[name].shape != tensor.shape]
     if wrong or not set(weights) & set(own):

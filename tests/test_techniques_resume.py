@@ -10,12 +10,12 @@ import mlflow
 import pytest
 import torch
 from conftest import run_entrypoint, store_env
-from helpers import artifact_text, parents
+from helpers import artifact_text, client, parents
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 VARIANTS = """\
-early_stopping_patience: 2
+early_stopping_patience: 3
 variants:
   ema: {ema_decay: 0.9, loss: focal, focal_gamma: 2.0, class_weights: balanced, layerwise_lr_decay: 0.8}
   swa: {swa_epochs: 2, early_stopping_patience: 0}
@@ -73,7 +73,8 @@ def run_killed_and_resumed(tiny_data, tiny_model, folder, variant: str, kill_ste
 @pytest.fixture(scope="module")
 def ema_runs(tiny_data, tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ema")
-    return (*run_killed_and_resumed(tiny_data, tiny_model, folder, "ema", 16, "checkpoint-12"), folder)
+    # checkpoints every 5 steps: the resume starts mid-epoch, from step 15
+    return (*run_killed_and_resumed(tiny_data, tiny_model, folder, "ema", 17, "checkpoint-15", save_steps=5), folder)
 
 
 def test_ema_focal_weighted_layerwise_run_resumes_bit_for_bit(ema_runs):
@@ -84,12 +85,14 @@ def test_ema_focal_weighted_layerwise_run_resumes_bit_for_bit(ema_runs):
         ("0.9", "focal", "balanced", "0.8")
     ema = torch.load(f"{saved}/ema.pt", weights_only=True)
     raw = load_file(f"{saved}/model.safetensors")
-    assert ema["count"] == 12  # one update per optimizer step of the first epoch
+    assert ema["count"] == 15  # one update per optimizer step
     assert not torch.equal(ema["average"]["classifier.weight"], raw["classifier.weight"])
 
 
 def test_swa_run_resumes_bit_for_bit_and_checkpoints_its_average(tiny_data, tiny_model, tmp_path):
-    _, run, saved = run_killed_and_resumed(tiny_data, tiny_model, tmp_path, "swa", 28, "checkpoint-24", epochs=3)
+    # checkpoints every 6 steps: the one at an epoch's last step must already hold that epoch in its average
+    env, run, saved = run_killed_and_resumed(tiny_data, tiny_model, tmp_path, "swa", 28, "checkpoint-24", epochs=3,
+                                             save_steps=6)
     assert run.data.params["swa_epochs"] == "2" and run.data.params["epochs"] == "3"
     swa = torch.load(f"{saved}/swa.pt", weights_only=True)
     raw = load_file(f"{saved}/model.safetensors")
@@ -97,28 +100,43 @@ def test_swa_run_resumes_bit_for_bit_and_checkpoints_its_average(tiny_data, tiny
     assert swa["count"] == 1
     assert all(torch.equal(swa["average"][name], raw[name]) for name in swa["average"])
 
+    # init_epoch=continue from that end-of-epoch checkpoint: a new run at epoch 2 with a fresh optimizer whose
+    # learning-rate schedule is where the source's was
+    args = train_args(tiny_data, tiny_model, tmp_path / "variants.yaml", init_from=saved, init_epoch="continue",
+                      epochs=3, early_stopping_patience=0)
+    continued = run_entrypoint("train", args, env, tmp_path)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "init_epoch=continue: training starts at epoch 2 (step 24)" in continued.stderr
+    assert "training starts at step 24 of 36" in continued.stderr
+    (new,) = [r for r in parents(env, "tech", "train") if r.info.run_id != run.info.run_id]
+    rate = {r.info.run_id: {m.step: m.value for m in client(env).get_metric_history(r.info.run_id, "learning_rate")}
+            for r in (run, new)}
+    assert rate[new.info.run_id][30] == pytest.approx(rate[run.info.run_id][30])
+
 
 def test_init_from_starts_a_new_run_from_the_weights_where_resume_continues_the_run(ema_runs, tiny_data, tiny_model):
     env, source, saved, folder = ema_runs
     config = folder / "variants.yaml"
     # a finished unit run's id: its model's weights, a fresh optimizer, training from step 0, in a new run
-    args = train_args(tiny_data, tiny_model, config, init_from=source.info.run_id, epochs=1)
-    fresh = run_entrypoint("train", args, env, folder)
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert f"init_from={source.info.run_id}: " in fresh.stderr and "tensors loaded" in fresh.stderr
-    assert "training starts at step 0 of 12" in fresh.stderr
-    new = [r for r in parents(env, "tech", "train") if r.info.run_id != source.info.run_id]
-    assert len(new) == 1 and new[0].data.tags["init_from"] == source.info.run_id
+    args = train_args(tiny_data, tiny_model, config, init_from=source.info.run_id, epochs=1, save_steps=5)
+    killed = run_entrypoint("train", args, {**env, "PIPELINES_FAILPOINT": "train_step:8"}, folder)
+    assert killed.returncode == -signal.SIGKILL
+    assert f"init_from={source.info.run_id}: " in killed.stderr and "tensors loaded" in killed.stderr
+    assert "training starts at step 0 of 12" in killed.stderr
+    (new,) = [r for r in parents(env, "tech", "train") if r.info.run_id != source.info.run_id]
+    assert new.data.tags["init_from"] == source.info.run_id
 
-    # a checkpoint folder with its EMA weights and epoch counter: training continues at epoch 2 of 2
+    # resume continues that run from its own checkpoint: the init_from weights are not loaded again
+    resumed = run_entrypoint("train", {**args, "resume": "true"}, env, folder)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming train run {new.info.run_id}" in resumed.stderr
+    assert "training starts at step 5 of 12" in resumed.stderr and "tensors loaded" not in resumed.stderr
+
+    # a mid-epoch checkpoint's EMA weights: init_epoch=continue needs an epoch's end, restart starts at step 0
     args = train_args(tiny_data, tiny_model, config, init_from=saved, init_ema="true", init_epoch="continue")
-    continued = run_entrypoint("train", args, env, folder)
-    assert continued.returncode == 0, continued.stderr[-3000:]
-    assert "tensors loaded (EMA)" in continued.stderr
-    assert "init_epoch=continue: training starts at epoch 1 (step 12)" in continued.stderr
-    assert "training starts at step 12 of 24" in continued.stderr
-
-    # resume continues the same run: the init_from run is finished, so there is nothing to do
-    again = run_entrypoint("train", {**args, "resume": "true"}, env, folder)
-    assert again.returncode == 0 and "already finished: nothing to do" in again.stderr
+    refused = run_entrypoint("train", args, env, folder)
+    assert refused.returncode == 2 and "Pass init_epoch=restart" in refused.stderr
+    restarted = run_entrypoint("train", {**args, "init_epoch": "restart", "epochs": 1}, env, folder)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "tensors loaded (EMA)" in restarted.stderr and "training starts at step 0 of 12" in restarted.stderr
     assert len(parents(env, "tech", "train")) == 3
