@@ -103,7 +103,7 @@ def fit(
     trainer = task.trainer(cfg, built, _arguments(cfg, output_dir, validate=valid is not None), train, valid,
                            callbacks)
     techniques.install(cfg, trainer, train, averages, len(data.labels))
-    start = checkpoint or _continue_from(cfg, model, built, trainer, len(train), work_dir)
+    start = checkpoint or _continue_from(cfg, model, trainer, work_dir)
     if checkpoint is not None:
         trainer.args.eval_on_start = False  # the evaluation before training was logged by the first attempt
     if checkpoint and _stopped(checkpoint):
@@ -122,14 +122,12 @@ def fit(
     return FitResult(metrics=metrics, predictions=predictions)
 
 
-def _continue_from(cfg: StageConfig, model: ModelSource, built, trainer: Trainer, train_rows: int,
-                   work_dir: Path) -> Path | None:
-    """With ``init_from`` and ``init_epoch=continue``: a checkpoint folder at its epoch, holding the loaded weights
-    and the fresh callbacks' states, from which training starts with its schedule moved on to that step."""
+def _continue_from(cfg: StageConfig, model: ModelSource, trainer: Trainer, work_dir: Path) -> Path | None:
+    """With ``init_from`` and ``init_epoch=continue``: a checkpoint folder at its epoch, from which training starts
+    with its learning-rate schedule moved on to that step."""
     if model.init is None or cfg.init_epoch != "continue":
         return None
-    folder, step = warmstart.continue_folder(built.network, built.tokenizer, model.init, cfg, train_rows,
-                                             trainer.state.stateful_callbacks, work_dir / "init")
+    folder, step = warmstart.continue_folder(trainer, model.init, cfg, work_dir / "init")
     trainer.add_callback(techniques.ScheduleFrom(step))
     return folder
 

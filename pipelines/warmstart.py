@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 
 from pipelines import tracking
@@ -119,24 +120,23 @@ def load_weights(network: torch.nn.Module, init: InitWeights, ema: bool) -> None
                 result.unexpected_keys[:8] or "none")
 
 
-def continue_folder(network, tokenizer, init: InitWeights, cfg: StageConfig, train_rows: int,
-                    callback_states: dict, dst: Path) -> tuple[Path, int]:
-    """A checkpoint folder from which ``Trainer.train`` starts at ``init``'s epoch with the loaded weights and
-    ``callback_states`` (the new run's, e.g. a fresh early-stopping patience), but no optimizer, scheduler or
-    random state (those stay fresh)."""
+def continue_folder(trainer, init: InitWeights, cfg: StageConfig, dst: Path) -> tuple[Path, int]:
+    """A checkpoint folder from which ``trainer.train`` starts at ``init``'s epoch: the loaded weights and a
+    trainer state of this run (its batches per epoch, logging/evaluation/save steps and fresh callback states,
+    e.g. early stopping's patience), with no optimizer, scheduler or random state (those stay fresh)."""
     epoch = int(init.epoch)
     if cfg.epochs <= epoch:
         raise ConfigError(f"init_epoch=continue: epochs={cfg.epochs} must exceed the {epoch} epoch(s) init_from has "
                           "trained (epochs counts them too)")
-    per_epoch = max(math.ceil(math.ceil(train_rows / cfg.batch_size) / cfg.gradient_accumulation_steps), 1)
+    per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / cfg.gradient_accumulation_steps), 1)
     shutil.rmtree(dst, ignore_errors=True)
-    network.save_pretrained(dst)
-    tokenizer.save_pretrained(dst)
-    state = json.loads((init.path / TRAINER_STATE_NAME).read_text())
-    state.update(epoch=float(epoch), global_step=epoch * per_epoch, log_history=[], best_metric=None,
-                 best_global_step=None, best_model_checkpoint=None, stateful_callbacks=callback_states,
-                 train_batch_size=cfg.batch_size)
-    (dst / TRAINER_STATE_NAME).write_text(json.dumps(state))
+    trainer.model.save_pretrained(dst)
+    trainer.processing_class.save_pretrained(dst)
+    state = TrainerState(epoch=float(epoch), global_step=epoch * per_epoch, max_steps=cfg.epochs * per_epoch,
+                         num_train_epochs=cfg.epochs, train_batch_size=trainer._train_batch_size,
+                         stateful_callbacks=dict(trainer.state.stateful_callbacks))
+    state.compute_steps(trainer.args, state.max_steps)
+    state.save_to_json(str(dst / TRAINER_STATE_NAME))
     logger.info("init_epoch=continue: training starts at epoch %d (step %d) with a fresh optimizer", epoch,
                 epoch * per_epoch)
     return dst, epoch * per_epoch

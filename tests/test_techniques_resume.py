@@ -103,11 +103,12 @@ def test_swa_run_resumes_bit_for_bit_and_checkpoints_its_average(tiny_data, tiny
     # init_epoch=continue from that end-of-epoch checkpoint: a new run at epoch 2 with a fresh optimizer whose
     # learning-rate schedule is where the source's was
     args = train_args(tiny_data, tiny_model, tmp_path / "variants.yaml", init_from=saved, init_epoch="continue",
-                      epochs=3, early_stopping_patience=0)
+                      epochs=3, early_stopping_patience=0, save_steps=4)
     continued = run_entrypoint("train", args, env, tmp_path)
     assert continued.returncode == 0, continued.stderr[-3000:]
     assert "init_epoch=continue: training starts at epoch 2 (step 24)" in continued.stderr
     assert "training starts at step 24 of 36" in continued.stderr
+    assert "path=checkpoints/checkpoint-28 " in continued.stderr  # this run's save_steps, not the source's
     (new,) = [r for r in parents(env, "tech", "train") if r.info.run_id != run.info.run_id]
     rate = {r.info.run_id: {m.step: m.value for m in client(env).get_metric_history(r.info.run_id, "learning_rate")}
             for r in (run, new)}
