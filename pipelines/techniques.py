@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback
 
-from pipelines.config import StageConfig
+from pipelines.config import ConfigError, StageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -213,25 +213,29 @@ class FocalLoss:
         return loss.mean()
 
 
-_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers?|block)\.(\d+)\.")  # BERT-likes, DistilBERT, BART, T5 (the block)
 
 
 def layer_depths(model) -> dict[str, int]:
     """Per parameter, how many layers below the top it is: 0 for the head, the decoder and the top encoder layer,
-    ``L - 1 - i`` for encoder layer ``i`` of ``L``, ``L`` for the embeddings."""
+    ``L - 1 - i`` for encoder layer ``i`` of ``L``, ``L`` for the encoder's embeddings (an encoder-decoder's
+    shared embedding is also the decoder's input and output layer: 0). ConfigError without numbered layers."""
     names = [name for name, _ in model.named_parameters()]
-    encoder = [name for name in names if "decoder" not in name.split(".")]
-    indices = [int(m.group(1)) for m in map(_LAYER.search, encoder) if m]
-    layers = max(indices) + 1 if indices else 0
+    encoder_decoder = any("decoder" in name.split(".") for name in names)
+    indices = [int(m.group(1)) for m in map(_LAYER.search, names) if m and "decoder" not in m.string.split(".")]
+    if not indices:
+        raise ConfigError(f"layerwise_lr_decay: {type(model).__name__} has no numbered encoder layers to give "
+                          "their own rates (e.g. ALBERT shares one layer); pass layerwise_lr_decay=1")
+    layers = max(indices) + 1
     depths = {}
     for name in names:
         match = _LAYER.search(name)
-        if "decoder" in name.split(".") or name.startswith("cls.") or not layers:
+        if "decoder" in name.split(".") or name.startswith(("cls.", "lm_head.")):
             depths[name] = 0
         elif match:
             depths[name] = layers - 1 - int(match.group(1))
         elif "embed" in name or name.endswith("shared.weight"):
-            depths[name] = layers
+            depths[name] = 0 if encoder_decoder and name.endswith("shared.weight") else layers
         else:
             depths[name] = 0
     return depths

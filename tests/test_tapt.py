@@ -3,6 +3,7 @@ then chained into `kfold` and `train` through runs:/ and models:/ URIs with the 
 
 from __future__ import annotations
 
+import math
 
 import mlflow
 import pytest
@@ -55,6 +56,7 @@ def test_tapt_logs_metrics_before_and_after_and_registers_its_model(reference):
         assert name in metrics and f"base_{name.removeprefix('eval_')}" in metrics
     assert metrics["perplexity"] < metrics["base_perplexity"]  # two epochs on the domain text helped
     assert 0 <= metrics["top1_accuracy"] <= metrics["top5_accuracy"] <= 1
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["final_loss"]))  # all of the final model
     version = client(env).get_model_version_by_alias("tiny-tapt", "domain")
     assert version.run_id == run.info.run_id and run.data.tags["registered_model"] == f"tiny-tapt/{version.version}"
     assert {a.path for a in client(env).list_artifacts(run.info.run_id, "model")} >= {"model/model.safetensors",

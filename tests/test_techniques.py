@@ -118,3 +118,31 @@ def test_swa_final_model_is_the_mean_of_the_last_epochs(classifier):
     for name, parameter in network.named_parameters():
         mean = (snapshots.epochs[1][name] + snapshots.epochs[2][name]) / 2
         assert torch.allclose(parameter, mean, atol=1e-6), name
+
+
+def test_layer_depths_of_other_architectures():
+    from transformers import (AlbertConfig, AlbertForMaskedLM, BartConfig, BartForConditionalGeneration,
+                              DistilBertConfig, DistilBertForSequenceClassification, T5Config,
+                              T5ForConditionalGeneration)
+
+    from pipelines.config import ConfigError
+
+    t5 = techniques.layer_depths(T5ForConditionalGeneration(
+        T5Config(vocab_size=50, d_model=8, d_ff=16, num_layers=2, num_heads=1, d_kv=4)))
+    # T5's depth is its block's, whichever sub-layer; the shared embedding is also the decoder's and the head's
+    assert t5["encoder.block.0.layer.0.SelfAttention.q.weight"] == t5["encoder.block.0.layer.1.DenseReluDense.wi.weight"] == 1
+    assert t5["encoder.block.1.layer.1.DenseReluDense.wi.weight"] == 0 and t5["shared.weight"] == 0
+    assert t5["decoder.block.0.layer.0.SelfAttention.q.weight"] == 0
+    bart = techniques.layer_depths(BartForConditionalGeneration(BartConfig(
+        vocab_size=50, d_model=8, encoder_layers=2, decoder_layers=1, encoder_attention_heads=1,
+        decoder_attention_heads=1, encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=32)))
+    assert (bart["model.encoder.layers.0.fc1.weight"], bart["model.encoder.layers.1.fc1.weight"],
+            bart["model.encoder.embed_positions.weight"], bart["model.decoder.layers.0.fc1.weight"]) == (1, 0, 2, 0)
+    distil = techniques.layer_depths(DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=50, dim=8, n_layers=2, n_heads=1, hidden_dim=8)))
+    assert (distil["distilbert.transformer.layer.0.ffn.lin1.weight"], distil["classifier.weight"],
+            distil["distilbert.embeddings.word_embeddings.weight"]) == (1, 0, 2)
+    albert = AlbertForMaskedLM(AlbertConfig(vocab_size=50, embedding_size=8, hidden_size=8, num_attention_heads=1,
+                                            intermediate_size=8))
+    with pytest.raises(ConfigError, match="no numbered encoder layers.*pass layerwise_lr_decay=1"):
+        techniques.layer_depths(albert)  # one layer shared by all depths: nothing to decay

@@ -40,11 +40,13 @@ def run(cfg: TaptConfig) -> dict[str, float]:
 
 
 def publish(ctx: StageContext, result: FitResult) -> None:
-    """The final metrics under their plain names, the base model's (``base_*``: the evaluation at step 0), and
-    the model registered when ``registered_model_name`` is set."""
+    """The final model's metrics under their plain names (``eval_loss`` stays the Trainer's per-evaluation
+    curve; the final model's loss is ``final_loss``, which differs from its last point with early stopping or
+    SWA), the base model's (``base_*``: the evaluation at step 0), and the model registered when
+    ``registered_model_name`` is set."""
     tracker, run_id = ctx.tracker, ctx.parent_id
     base = tracker.first_values(run_id, ["eval_loss", *(f"eval_{k}" for k in REPORTED)])
-    log_once(tracker, run_id, {"eval_loss": result.metrics["loss"], **{k: result.metrics[k] for k in REPORTED},
+    log_once(tracker, run_id, {**{k: result.metrics[k] for k in REPORTED},
                                **{f"base_{k.removeprefix('eval_')}": v for k, v in base.items()}})
     if ctx.cfg.registered_model_name:
         register(ctx)
