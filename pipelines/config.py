@@ -135,7 +135,8 @@ class StageConfig(Coordinated):
     warmup_ratio: float = setting(0.0, "Fraction of steps with linear learning-rate warm-up.")
     scheduler_type: str = setting("linear", "Learning-rate schedule.", choices=SCHEDULERS)
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
-    label_smoothing: float = setting(0.0, "Label smoothing factor of the cross-entropy loss.")
+    label_smoothing: float = setting(0.0, "Label smoothing factor of the cross-entropy loss.",
+                                     task=("classification", "summarization"))
     seed: int = setting(42, "Seed for model initialisation, data order and dropout.")
     fold_seed: int = setting(42, "Seed of the train/validation split or fold plan.")
     metric: str = setting("", "Validation metric that picks the best checkpoint; empty: the task's default "
@@ -249,8 +250,12 @@ class StageConfig(Coordinated):
             raise ConfigError(f"layerwise_lr_decay={self.layerwise_lr_decay} must be in (0, 1], e.g. 0.9")
         if self.focal_gamma < 0:
             raise ConfigError(f"focal_gamma={self.focal_gamma} must be zero or positive")
-        if self.loss == "focal" and self.label_smoothing:
-            raise ConfigError("loss=focal does not smooth labels: pass label_smoothing=0, or loss=cross_entropy")
+        if self.label_smoothing and (self.loss == "focal" or self.class_weights == "balanced"):
+            raise ConfigError("loss=focal and class_weights=balanced do not smooth labels: pass label_smoothing=0, or "
+                              "loss=cross_entropy with class_weights=none")
+        if self.loss != "focal" and self.focal_gamma != 2.0:
+            raise ConfigError(f"focal_gamma={self.focal_gamma} only applies with loss=focal; pass loss=focal, or drop "
+                              "focal_gamma (from the search space too)")
         if not self.init_from and (self.init_epoch != "restart" or self.init_ema):
             raise ConfigError("init_epoch and init_ema only apply with init_from=<checkpoint or run>; pass it")
 

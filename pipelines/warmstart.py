@@ -82,7 +82,12 @@ def _from_run(run_id: str, cache_dir: Path) -> Path:
     """A unit run's model once it finished, else its latest verified checkpoint."""
     status, tags = tracking.run_state(run_id)
     if status == "FINISHED":
-        return _download(f"runs:/{run_id}/model", cache_dir)
+        try:
+            return _download(f"runs:/{run_id}/model", cache_dir)
+        except ConfigError:
+            kind = tags.get("stage") or "an optuna trial or a stage's parent run"
+            raise ConfigError(f"init_from={run_id}: the run is finished but keeps no model/ ({kind}); pass a train, "
+                              "retrain or fold run, or runs:/<run_id>/<path> of a model folder") from None
     if not tags.get(TAG):
         raise ConfigError(f"init_from={run_id}: the run is {status} and has no checkpoint yet; pass a finished run "
                           "or one that has saved a checkpoint")
@@ -114,10 +119,25 @@ def load_weights(network: torch.nn.Module, init: InitWeights, ema: bool) -> None
         raise ConfigError(f"init_from={init.source} does not fit this model: "
                           f"{'shapes differ for ' + ', '.join(wrong[:5]) if wrong else 'no parameter name matches'}. "
                           "Pass a checkpoint of the same architecture as `model`")
+    _check_body(network, weights, init.source)
     result = network.load_state_dict(weights, strict=False)
     logger.info("init_from=%s: %d tensors loaded%s; new (kept as built): %s; not used: %s", init.source,
                 len(set(weights) & set(own)), " (EMA)" if ema else "", result.missing_keys[:8] or "none",
                 result.unexpected_keys[:8] or "none")
+
+
+def _check_body(network: torch.nn.Module, weights: dict, source: str) -> None:
+    """The network's body (all under its ``base_model_prefix`` but the pooler, which masked-LM checkpoints lack)
+    must come from ``weights``: a checkpoint of another architecture matching a few names is refused."""
+    prefix = f"{getattr(network, 'base_model_prefix', '')}."
+    body = [name for name in network.state_dict() if name.startswith(prefix) and ".pooler." not in name]
+    missing = [name for name in body if name not in weights]
+    if body and len(missing) > 0.1 * len(body):
+        raise ConfigError(f"init_from={source} holds only {len(body) - len(missing)} of the {len(body)} tensors of "
+                          f"this model's body (missing e.g. {', '.join(missing[:3])}). Pass a checkpoint of the same "
+                          "architecture as `model`")
+    if missing:
+        logger.warning("init_from=%s lacks %d body tensors, kept as built: %s", source, len(missing), missing[:8])
 
 
 def continue_folder(trainer, init: InitWeights, cfg: StageConfig, dst: Path) -> tuple[Path, int]:

@@ -105,6 +105,9 @@ def test_variant_from_yaml_with_config_override(tmp_path):
     (["--loss", "focal", "--label_smoothing", "0.1"], "label_smoothing"),
     (["--init_epoch", "continue"], "init_epoch and init_ema only apply with init_from"),
     (["--task", "mlm", "--loss", "focal"], "loss is a classification setting"),
+    (["--task", "mlm", "--label_smoothing", "0.1"], "label_smoothing is a"),
+    (["--class_weights", "balanced", "--label_smoothing", "0.1"], "do not smooth labels"),
+    (["--focal_gamma", "1.0"], "focal_gamma=1.0 only applies with loss=focal"),
 ])
 def test_invalid_techniques_and_variants_are_refused(tmp_path, argv, message):
     path = tmp_path / "variants.yaml"

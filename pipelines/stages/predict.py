@@ -93,9 +93,20 @@ def load_model(cfg: PredictConfig, tmp: Path) -> Model:
     if not (local / "config.json").is_file():
         raise ModelError(f"model_uri {uri}: {local} has neither MLmodel nor config.json; pass a model logged by a "
                          "stage (runs:/<run id>/model) or a transformers model folder")
+    _refuse_masked_lm(source)
     if is_seq2seq(AutoConfig.from_pretrained(local)):
         return _summarizer(cfg, source)
     return _classifier(cfg, source)
+
+
+def _refuse_masked_lm(source: ModelSource) -> None:
+    """A masked-LM model (``tapt``) has no labels or summaries to predict: a classifier built from it would be
+    a random head."""
+    marker = Path(source.path, TRAINED_WITH)
+    if marker.is_file() and json.loads(marker.read_text()).get("task") == "mlm":
+        raise ModelError(f"model {source.name} is a masked-LM model (trained with task=mlm, e.g. by tapt): it predicts "
+                         "no labels or summaries. Fine-tune it first (-e train or -e kfold with -P model=<its URI>) "
+                         "and predict with that model")
 
 
 def _classifier(cfg: PredictConfig, source: ModelSource) -> Model:
