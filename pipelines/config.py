@@ -80,6 +80,15 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_record(self) -> dict[str, Any]:
+        """The settings as runs record them (params, ``config.json``): a database URL's password removed."""
+        from pipelines.study import redact
+
+        record = self.to_dict()
+        if record.get("optuna_storage"):
+            record["optuna_storage"] = redact(record["optuna_storage"])
+        return record
+
 
 @dataclass
 class Coordinated(Settings):

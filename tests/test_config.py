@@ -115,3 +115,10 @@ def test_invalid_techniques_and_variants_are_refused(tmp_path, argv, message):
     argv = ["--config_file", str(path), *argv] if "--config_file" not in argv else argv
     with pytest.raises(ConfigError, match=message):
         parse_config(TrainConfig, argv)
+
+
+def test_recorded_settings_hide_the_storage_password():
+    cfg = KFoldConfig(optuna_storage="postgresql+psycopg2://team:s3cret@db:5432/optuna")
+    record = cfg.to_record()
+    assert "s3cret" not in str(record) and record["optuna_storage"].startswith("postgresql+psycopg2://team:***@db")
+    assert cfg.optuna_storage.endswith("s3cret@db:5432/optuna")  # the stage itself still connects with it

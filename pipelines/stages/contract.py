@@ -185,8 +185,8 @@ def _hold(ctx: StageContext) -> None:
 
 def _record(ctx: StageContext, params: dict) -> None:
     """The resolved settings as params and ``config.json`` (the record later stages read)."""
-    ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_dict(), **params, "fingerprint": ctx.fingerprint})
-    record = {"settings": ctx.cfg.to_dict(), "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
+    ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_record(), **params, "fingerprint": ctx.fingerprint})
+    record = {"settings": ctx.cfg.to_record(), "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
     upload_json(ctx.tracker, ctx.parent_id, CONFIG_ARTIFACT, record)
 
 

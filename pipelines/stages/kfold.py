@@ -89,7 +89,7 @@ def _fold(ctx: StageContext, fold: int, folds: list[np.ndarray], save_model: boo
 
 
 def _train_fold(ctx: StageContext, fold: int, run_id: str, folds: list[np.ndarray], lease, save_model: bool):
-    ctx.tracker.log_params(run_id, {**ctx.cfg.to_dict(), "fold": fold, "fingerprint": ctx.fingerprint})
+    ctx.tracker.log_params(run_id, {**ctx.cfg.to_record(), "fold": fold, "fingerprint": ctx.fingerprint})
     frame = ctx.data.frame
     is_valid = np.zeros(len(frame), dtype=bool)
     is_valid[folds[fold]] = True
