@@ -300,6 +300,17 @@ s3.head_bucket(Bucket=sys.argv[2])
 EOF
 }
 
+# wait_ready CHECK NAME WHAT: until CHECK succeeds; fail with the tail of DIR/logs/NAME.log if NAME's process exits
+wait_ready() {
+    local check=$1 name=$2 what=$3 i
+    for i in $(seq "$START_TIMEOUT"); do
+        "$check" && return 0
+        alive "$DIR/$name.pid" || { tail -n 30 "$DIR/logs/$name.log" >&2; die "$what exited (log: $DIR/logs/$name.log)"; }
+        sleep 1
+    done
+    die "$what did not answer within ${START_TIMEOUT}s (log: $DIR/logs/$name.log)"
+}
+
 start_seaweedfs() {
     if alive "$DIR/weed.pid"; then
         say "SeaweedFS already running (S3 on $HOST:$S3_PORT)"
@@ -318,13 +329,7 @@ EOF
             -admin.port="${WP[7]}" -admin.port.grpc="${WP[8]}" -admin.ui=false -webdav=false \
             -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false -master.volumeSizeLimitMB=64
     fi
-    local i
-    for i in $(seq "$START_TIMEOUT"); do
-        s3_ready && break
-        alive "$DIR/weed.pid" || { tail -n 30 "$DIR/logs/weed.log" >&2; die "SeaweedFS exited (log: $DIR/logs/weed.log)"; }
-        sleep 1
-    done
-    s3_ready || die "SeaweedFS's S3 on $HOST:$S3_PORT did not answer within ${START_TIMEOUT}s (log: $DIR/logs/weed.log)"
+    wait_ready s3_ready weed "SeaweedFS's S3 on $HOST:$S3_PORT"
     say "SeaweedFS ready: S3 on http://$HOST:$S3_PORT, bucket $BUCKET (data $DIR/s3)"
 }
 
@@ -363,13 +368,7 @@ start_mlflow() {
             --artifacts-destination "s3://$BUCKET/mlflow" \
             --host "$HOST" --port "$MLFLOW_PORT" --workers 1
     fi
-    local i
-    for i in $(seq "$START_TIMEOUT"); do
-        mlflow_ready && break
-        alive "$DIR/mlflow.pid" || { tail -n 30 "$DIR/logs/mlflow.log" >&2; die "the MLflow server exited (log: $DIR/logs/mlflow.log)"; }
-        sleep 1
-    done
-    mlflow_ready || die "the MLflow server on $HOST:$MLFLOW_PORT was not healthy within ${START_TIMEOUT}s (log: $DIR/logs/mlflow.log)"
+    wait_ready mlflow_ready mlflow "the MLflow server on $HOST:$MLFLOW_PORT"
     say "MLflow server ready on http://$HOST:$MLFLOW_PORT (artifacts: s3://$BUCKET/mlflow)"
 }
 

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import helpers
 import pandas as pd
 import pytest
 from conftest import entrypoint
@@ -60,21 +61,20 @@ def hostname_ok() -> bool:
     return can_set_hostname()
 
 
-def client(stack: Stack):
-    from mlflow.tracking import MlflowClient
+def env_of(stack: Stack) -> dict:
+    return {"MLFLOW_TRACKING_URI": stack.tracking_uri}
 
-    return MlflowClient(tracking_uri=stack.tracking_uri)
+
+def client(stack: Stack):
+    return helpers.client(env_of(stack))
 
 
 def experiment_runs(stack: Stack, experiment: str, filter_string: str = "") -> list:
-    c = client(stack)
-    exp = c.get_experiment_by_name(experiment)
-    assert exp is not None, f"experiment {experiment} was not created"
-    return c.search_runs([exp.experiment_id], filter_string=filter_string, order_by=["attributes.start_time ASC"])
+    return helpers.runs(env_of(stack), experiment, filter_string)
 
 
 def children(stack: Stack, experiment: str, parent_id: str) -> list:
-    return experiment_runs(stack, experiment, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return helpers.children(env_of(stack), experiment, parent_id)
 
 
 def artifact_files(stack: Stack, run_id: str, path: str = "") -> list:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
@@ -15,7 +16,9 @@ from transformers import TrainerCallback
 from pipelines.checkpoints import CheckpointStore
 from pipelines.leases import Lease
 from pipelines.stages.augmented import with_augmentations
-from pipelines.stages.contract import StageContext
+from pipelines.models import resolve_training_model
+from pipelines.stages.contract import StageContext, open_stage
+from pipelines.tasks import get_task
 from pipelines.tracking import Tracker
 from pipelines.training import FitResult, fit
 
@@ -151,3 +154,18 @@ def upload_frame(tracker: Tracker, run_id: str, name: str, frame: pd.DataFrame,
     with tempfile.TemporaryDirectory() as tmp:
         frame.to_csv(Path(tmp, name), index=False)
         tracker.upload(run_id, Path(tmp, name), artifact_path)
+
+
+def run_on_holdout(stage: str, cfg, publish: Callable[[StageContext, FitResult], None] | None = None
+                   ) -> tuple[StageContext, FitResult]:
+    """Stages that train one model on a held-out split (`train`, `tapt`): load, open the stage, run its unit."""
+    task = get_task(cfg.task)
+    data = task.load(cfg)
+    is_valid = np.zeros(len(data), dtype=bool)
+    is_valid[task.holdout(data, cfg)] = True
+    with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
+        model = resolve_training_model(cfg, Path(cache), task)
+        ctx = open_stage(stage, cfg, data, model, tracker)
+        result = run_as_unit(ctx, data.frame[~is_valid], data.frame[is_valid],
+                             (lambda r: publish(ctx, r)) if publish else None)
+    return ctx, result

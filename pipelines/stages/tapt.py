@@ -7,18 +7,11 @@ Its ``model/`` (weights, config, tokenizer, no optimizer state) feeds the traini
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
-
-import numpy as np
 
 from pipelines import tracking
 from pipelines.config import TaptConfig
-from pipelines.models import resolve_training_model
-from pipelines.stages.common import log_once, run_as_unit
-from pipelines.stages.contract import StageContext, open_stage
-from pipelines.tasks import get_task
-from pipelines.tracking import Tracker
+from pipelines.stages.common import log_once, run_on_holdout
+from pipelines.stages.contract import StageContext
 from pipelines.training import FitResult
 
 logger = logging.getLogger(__name__)
@@ -26,14 +19,7 @@ REPORTED = ("perplexity", "top1_accuracy", "top5_accuracy")
 
 
 def run(cfg: TaptConfig) -> dict[str, float]:
-    task = get_task(cfg.task)
-    data = task.load(cfg)
-    is_valid = np.zeros(len(data), dtype=bool)
-    is_valid[task.holdout(data, cfg)] = True
-    with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_training_model(cfg, Path(cache), task)
-        ctx = open_stage("tapt", cfg, data, model, tracker)
-        result = run_as_unit(ctx, data.frame[~is_valid], data.frame[is_valid], lambda r: publish(ctx, r))
+    ctx, result = run_on_holdout("tapt", cfg, publish)
     logger.info("tapt run %s finished: %s", ctx.parent_id, " ".join(f"{k}={result.metrics[k]:.4f}"
                                                                       for k in ("loss", *REPORTED)))
     return result.metrics
