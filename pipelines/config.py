@@ -490,7 +490,10 @@ class OptunaConfig(KFoldConfig, TrainConfig):
         if self.objective == "generate":
             return GENERATION
         fields = {f.name: f for f in dataclasses.fields(self)}
-        return tuple(name for name in TUNABLE if self.applies(fields[name]))
+        ignored = {"focal_gamma"} if self.loss != "focal" else set()  # the loss would not use them
+        if self.loss == "focal" or self.class_weights == "balanced":
+            ignored.add("label_smoothing")
+        return tuple(name for name in TUNABLE if self.applies(fields[name]) and name not in ignored)
 
     def optimization_direction(self) -> str:
         if self.direction != "auto":

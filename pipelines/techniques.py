@@ -51,17 +51,30 @@ class WeightAverage(TrainerCallback):
     def start(self, model) -> None:
         """The average before training: none yet."""
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        torch.save({"average": self.average, "count": self.count}, folder / self.FILE)
+        torch.save({"average": self._under_every_name(model), "count": self.count}, folder / self.FILE)
 
-    def load(self, path: Path, model=None) -> None:
+    def _under_every_name(self, model) -> dict[str, torch.Tensor] | None:
+        """The average under every state-dict name of each parameter: a tied weight is listed by
+        ``named_parameters`` under one name only (XLM-R's word embedding as ``lm_head.decoder.weight``), which a
+        model of another head (``init_ema``) would not find."""
+        if self.average is None:
+            return None
+        names = {id(parameter): name for name, parameter in model.named_parameters()}
+        every = dict(self.average)
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) in names and key not in every:
+                every[key] = self.average[names[id(tensor)]]
+        return every
+
+    def load(self, path: Path, model) -> None:
         """The saved average, on the device of ``model``'s parameters (it may have been saved on another)."""
         saved = torch.load(path, map_location="cpu", weights_only=True)
         self.average, self.count = saved["average"], saved["count"]
-        if self.average is not None and model is not None:
+        if self.average is not None:
             devices = {name: parameter.device for name, parameter in model.named_parameters()}
-            self.average = {name: tensor.to(devices[name]) for name, tensor in self.average.items()}
+            self.average = {name: self.average[name].to(device) for name, device in devices.items()}
 
     def copy_into(self, model) -> None:
         if self.average is None:
@@ -221,7 +234,9 @@ def layer_depths(model) -> dict[str, int]:
     ``L - 1 - i`` for encoder layer ``i`` of ``L``, ``L`` for the encoder's embeddings (an encoder-decoder's
     shared embedding is also the decoder's input and output layer: 0). ConfigError without numbered layers."""
     names = [name for name, _ in model.named_parameters()]
-    encoder_decoder = any("decoder" in name.split(".") for name in names)
+    embedding = model.get_input_embeddings().weight  # by identity: a tied one may be named after the LM head
+    embedding_name = next(name for name, parameter in model.named_parameters() if parameter is embedding)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     indices = [int(m.group(1)) for m in map(_LAYER.search, names) if m and "decoder" not in m.string.split(".")]
     if not indices:
         raise ConfigError(f"layerwise_lr_decay: {type(model).__name__} has no numbered encoder layers to give "
@@ -230,7 +245,9 @@ def layer_depths(model) -> dict[str, int]:
     depths = {}
     for name in names:
         match = _LAYER.search(name)
-        if "decoder" in name.split(".") or name.startswith(("cls.", "lm_head.")):
+        if name == embedding_name:
+            depths[name] = 0 if encoder_decoder else layers
+        elif "decoder" in name.split(".") or name.startswith(("cls.", "lm_head.")):
             depths[name] = 0
         elif match:
             depths[name] = layers - 1 - int(match.group(1))

@@ -146,3 +146,17 @@ def test_layer_depths_of_other_architectures():
                                             intermediate_size=8))
     with pytest.raises(ConfigError, match="no numbered encoder layers.*pass layerwise_lr_decay=1"):
         techniques.layer_depths(albert)  # one layer shared by all depths: nothing to decay
+
+
+def test_a_tied_embedding_named_after_the_lm_head_is_still_the_embedding():
+    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+
+    model = XLMRobertaForMaskedLM(XLMRobertaConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2,
+                                                   num_attention_heads=1, intermediate_size=8))
+    names = dict(model.named_parameters())
+    assert "lm_head.decoder.weight" in names and "roberta.embeddings.word_embeddings.weight" not in names
+    assert techniques.layer_depths(model)["lm_head.decoder.weight"] == 2  # the embeddings' depth: lowest rate
+    ema = techniques.EMA(0.9, None)
+    ema.start(model)
+    saved = ema._under_every_name(model)  # what ema.pt holds: found by a classifier's name too (init_ema)
+    assert saved["roberta.embeddings.word_embeddings.weight"] is saved["lm_head.decoder.weight"]
