@@ -130,8 +130,10 @@ def _check_body(network: torch.nn.Module, weights: dict, source: str) -> None:
     """The network's body (all under its ``base_model_prefix`` but the pooler, which masked-LM checkpoints lack)
     must come from ``weights``: a checkpoint of another architecture matching a few names is refused."""
     prefix = f"{getattr(network, 'base_model_prefix', '')}."
-    body = [name for name in network.state_dict() if name.startswith(prefix) and ".pooler." not in name]
-    missing = [name for name in body if name not in weights]
+    own = network.state_dict()
+    loaded = {own[name].data_ptr() for name in weights if name in own}  # a tied alias loads with its twin
+    body = [name for name in own if name.startswith(prefix) and ".pooler." not in name]
+    missing = [name for name in body if name not in weights and own[name].data_ptr() not in loaded]
     if body and len(missing) > 0.1 * len(body):
         raise ConfigError(f"init_from={source} holds only {len(body) - len(missing)} of the {len(body)} tensors of "
                           f"this model's body (missing e.g. {', '.join(missing[:3])}). Pass a checkpoint of the same "
