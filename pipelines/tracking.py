@@ -319,6 +319,11 @@ class Tracker:
         keys = self.client.get_run(run_id).data.metrics
         return {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in keys}
 
+    def history(self, run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+        """(step, value) of each logged metric of ``keys``."""
+        logged = self.client.get_run(run_id).data.metrics
+        return {k: [(m.step, m.value) for m in self.client.get_metric_history(run_id, k)] for k in keys if k in logged}
+
     def first_values(self, run_id: str, keys: list[str]) -> dict[str, float]:
         """Each metric's value at its lowest step (e.g. the evaluation before training), for those logged."""
         logged = self.client.get_run(run_id).data.metrics

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import entrypoint, run_entrypoint, store_env
-from helpers import artifact_text, children, metric_steps, parents
+from helpers import artifact_text, children, client, metric_steps, parents
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,7 @@ def finished_result(env, tmp_path, experiment="cv") -> dict:
     (parent,) = parents(env, experiment, "kfold")
     assert parent.info.status == "FINISHED"
     return {
+        "env": env,
         "parent": parent,
         "oof": artifact_text(env, parent.info.run_id, "oof_predictions.csv", tmp_path / "oof"),
         "cv": {k: v for k, v in parent.data.metrics.items() if k.startswith(("cv_", "fold"))},
@@ -66,6 +67,10 @@ def test_uninterrupted_kfold_logs_folds_metrics_and_oof(baseline):
     assert oof.groupby("fold").size().tolist() == [40, 40, 40]
     accuracy = [(g["label"] == g["predicted"]).mean() for _, g in oof.groupby("fold")]
     assert [baseline["cv"][f"fold{i}_accuracy"] for i in range(K)] == accuracy
+    env = baseline["env"]
+    assert {a.path for a in client(env).list_artifacts(parent.info.run_id, "plots")} == \
+        {"plots/fold_metrics.png", "plots/confusion_matrix.png"}
+    assert all(client(env).list_artifacts(r.info.run_id, "plots")[0].path == "plots/learning_curve.png" for r in folds)
 
 
 def _kill_then_resume(tiny_data, tiny_model, tmp_path, env, failpoint: str):

@@ -69,7 +69,8 @@ def test_full_search_logs_trials_best_params_and_plots(baseline):
     assert all(r.data.tags["optuna_state"] == "COMPLETE" and "objective" in r.data.metrics for r in runs.values())
     assert "eval_f1_macro" in runs["0"].data.metrics  # per-epoch metrics of the trial
     plots = {a.path for a in client(env).list_artifacts(parent.info.run_id, "plots")}
-    assert "plots/optimization_history.png" in plots
+    assert {"plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png"} <= plots
+    assert "plots/learning_curve.png" in {a.path for a in client(env).list_artifacts(runs["0"].info.run_id, "plots")}
 
 
 def test_sigkill_in_trial_3_resumes_it_from_its_checkpoint_then_extends(baseline, tiny_data, tiny_model, tmp_path):

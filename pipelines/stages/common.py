@@ -13,6 +13,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from pipelines import plots
 from pipelines.checkpoints import CheckpointStore
 from pipelines.leases import Lease
 from pipelines.stages.augmented import with_augmentations
@@ -91,6 +92,9 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
         lease.check()
     if result.predictions is not None:
         upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
+    metric = ctx.cfg.metric
+    plots.upload(ctx.tracker, run_id, {"learning_curve.png": lambda path: plots.learning_curves(
+        ctx.tracker.history(run_id, ["loss", "eval_loss", f"eval_{metric}"]), metric, path)})
     # the final metrics come last: once they are there, the unit is done even if the process dies now
     log_once(ctx.tracker, run_id, {f"{UNIT_METRIC_PREFIX}{k}": v for k, v in result.metrics.items()})
     store.clear()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines import plots
 from pipelines.config import KFoldConfig
 from pipelines.leases import LeaseLost
 from pipelines.models import resolve_training_model
@@ -36,11 +37,21 @@ def run(cfg: KFoldConfig) -> dict[str, float]:
         summary = _summary([r.metrics for r in results], task.summary_metrics)
         with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together finish it once
             upload_frame(tracker, ctx.parent_id, OOF_ARTIFACT, oof)
+            plots.upload(tracker, ctx.parent_id, _drawings(results, oof, task.summary_metrics))
             log_once(tracker, ctx.parent_id, summary)
             tracker.finish(ctx.parent_id)
     logger.info("kfold run %s finished: %s", ctx.parent_id,
                 " ".join(f"{k}={v:.4f}" for k, v in summary.items() if k.startswith("cv_")))
     return summary
+
+
+def _drawings(results: list[FitResult], oof: pd.DataFrame, metrics: tuple[str, ...]) -> dict:
+    """Per-fold bars of the summary metrics with mean ± std; the out-of-fold confusion matrix (classification)."""
+    drawings = {"fold_metrics.png": lambda path: plots.fold_bars(
+        {name: [r.metrics[name] for r in results] for name in metrics}, path)}
+    if {"label", "predicted"} <= set(oof.columns):
+        drawings["confusion_matrix.png"] = lambda path: plots.confusion(oof["label"], oof["predicted"], path)
+    return drawings
 
 
 def cross_validate(ctx: StageContext, folds: list[np.ndarray], after_fold=None,

@@ -11,6 +11,7 @@ same MLflow run from the latest checkpoint (objective=holdout) or its finished f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import tempfile
@@ -24,6 +25,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 from transformers import AutoConfig, TrainerCallback
 
+from pipelines import plots
 from pipelines.config import ConfigError, OptunaConfig, fingerprint
 from pipelines.faults import raise_if
 from pipelines.models import resolve_training_model
@@ -288,21 +290,17 @@ def _report(ctx: StageContext, study: optuna.Study) -> dict:
 
 
 def _plots(ctx: StageContext, study: optuna.Study) -> None:
+    """Optimization history, parallel coordinates and importances (these need 2+ finished trials: else skipped)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as plots
+    from optuna.visualization import matplotlib as optuna_plots
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, plot in (("optimization_history.png", plots.plot_optimization_history),
-                           ("param_importances.png", plots.plot_param_importances)):
-            try:
-                axes = plot(study)
-                axes.figure.savefig(Path(tmp, name), bbox_inches="tight")
-                matplotlib.pyplot.close(axes.figure)
-                ctx.tracker.upload(ctx.parent_id, Path(tmp, name), "plots")
-            except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ finished trials
-                logger.warning("plot %s skipped: %s", name, exc)
+    kinds = {"optimization_history.png": optuna_plots.plot_optimization_history,
+             "parallel_coordinate.png": optuna_plots.plot_parallel_coordinate,
+             "param_importances.png": optuna_plots.plot_param_importances}
+    plots.upload(ctx.tracker, ctx.parent_id,
+                 {name: functools.partial(plots.optuna_figure, plot, study) for name, plot in kinds.items()})
 
 
 def _resume_summary(ctx: StageContext, study: optuna.Study, n_trials: int, recovered: list[int]) -> str:
