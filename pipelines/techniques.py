@@ -41,9 +41,9 @@ class WeightAverage(TrainerCallback):
         if self.checkpoint is not None:
             saved = self.checkpoint / self.FILE
             if not saved.is_file():
-                raise RuntimeError(f"checkpoint {self.checkpoint} has no {self.FILE}: it was not saved by a run with "
-                                   "this averaging, so it cannot be resumed bit for bit. Start a new run (resume=false), "
-                                   "or init_from=<that checkpoint> to keep its weights")
+                raise RuntimeError(f"checkpoint {self.checkpoint} has no {self.FILE}: it was not saved by a run "
+                                   "with this averaging, so it cannot be resumed bit for bit. Start a new run "
+                                   "(resume=false), or init_from=<that checkpoint> to keep its weights")
             self.load(saved, model)
         elif self.average is None:
             self.start(model)

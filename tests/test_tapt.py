@@ -113,7 +113,8 @@ def test_tapt_model_feeds_kfold_and_train_with_lineage(reference, tiny_data, tmp
     # the masked-LM model itself predicts nothing: predict refuses it rather than bolting a random head on it
     refused = run_entrypoint("predict", {"experiment_name": "downstream", "data": tiny_data,
                                          "model_uri": f"runs:/{tapt_id}/model"}, env, tmp_path)
-    assert refused.returncode == 2 and "is a masked-LM model" in refused.stderr and "Fine-tune it first" in refused.stderr
+    assert refused.returncode == 2
+    assert "is a masked-LM model" in refused.stderr and "Fine-tune it first" in refused.stderr
 
 
 def test_tapt_refuses_a_model_without_masked_lm_form(tiny_data, tmp_path):
