@@ -89,7 +89,7 @@ class WeightAverage(TrainerCallback):
         if self.average is None:
             yield
             return
-        own = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+        own = _snapshot(model)
         self.copy_into(model)
         try:
             yield
