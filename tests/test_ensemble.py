@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_entrypoint, store_env
-from helpers import artifact_text, children, client, metric_steps, parents
+from helpers import artifact_text, children, client, free_port, metric_steps, parents
 from sklearn.metrics import f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -181,12 +180,6 @@ def test_optimized_weights_are_fitted_reported_and_registered(cv, tmp_path):
     assert version.run_id == run.info.run_id and str(version.version) == "1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, body: bytes, content_type="application/json") -> tuple[int, str]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                      headers={"Content-Type": content_type})
@@ -199,7 +192,7 @@ def _post(port: int, body: bytes, content_type="application/json") -> tuple[int,
 
 def test_mlflow_models_serve_answers_good_and_malformed_requests(cv):
     assert ensemble(cv, "served", cv["a"], weights="equal").returncode == 0
-    port = _free_port()
+    port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # the environment's `mlflow` and its server, whatever PATH says
     env = {**cv["env"], "PATH": f"{bin_dir}{os.pathsep}{cv['env'].get('PATH', '')}"}
     server = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/served@champion",
