@@ -5,6 +5,12 @@ of the unit's run, its files first and ``manifest.json`` (sha256 of every file, 
 last, so a copy without a manifest, or whose files do not match it, is torn and never used.
 The run's ``checkpoint`` tag names the latest verified copy.  Only the latest and the best copies
 are kept; all are deleted once the unit has finished and its final model is logged.
+
+Uploads run in a background thread while training goes on, one at a time: a commit waits for the
+previous upload to be committed, and ``wait`` (before a unit is marked done) for the last one.  The
+thread uploads hard links to the checkpoint's files (the Trainer may delete the folder meanwhile),
+and a local artifact store receives hard links too, not copies.  A kill during an upload leaves the
+previous verified copy the one a resume uses.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipelines import faults
@@ -36,6 +45,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copy2(src, dst)
+
+
 def _step(name: str) -> int:
     try:
         return int(name.rsplit("-", 1)[1])
@@ -44,13 +60,50 @@ def _step(name: str) -> int:
 
 
 class CheckpointStore:
-    """The checkpoints of one unit run in the artifact store."""
+    """The checkpoints of one unit run in the artifact store.
 
-    def __init__(self, tracker: Tracker, run_id: str, fingerprint: str):
+    ``guard`` is called before an upload writes its manifest or prunes, in the upload thread (e.g. a lease
+    check: a worker that lost its unit must not commit into the new owner's run).
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, fingerprint: str, guard: Callable[[], None] | None = None):
         self.tracker, self.run_id, self.fingerprint = tracker, run_id, fingerprint
+        self.guard = guard or (lambda: None)
+        self._upload: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
-    def commit(self, local_dir: Path, epoch: float, best_dir: str | None = None) -> str:
-        """Upload ``local_dir`` (a Trainer checkpoint), then prune all but it and ``best_dir``."""
+    def commit(self, local_dir: Path, epoch: float, best_dir: str | None = None) -> None:
+        """Start uploading ``local_dir`` (a Trainer checkpoint), then pruning all but it and ``best_dir``, in the
+        background, once the previous upload is committed. An upload's error is raised by the next call."""
+        self.wait()
+        snapshot = Path(tempfile.mkdtemp(prefix=".upload-", dir=local_dir.parent)) / local_dir.name
+        shutil.copytree(local_dir, snapshot, copy_function=_link_or_copy)
+        self._upload = threading.Thread(target=self._upload_in_background, args=(snapshot, epoch, best_dir),
+                                        name=f"upload-{local_dir.name}", daemon=True)
+        self._upload.start()
+        faults.settle_before_kill(self._upload)
+
+    def wait(self, reraise: bool = True) -> None:
+        """Return once the upload in flight, if any, is committed; raise its error (log it with ``reraise=False``,
+        when another error is already on its way)."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        failure, self._failure = self._failure, None
+        if failure is not None and reraise:
+            raise failure
+        if failure is not None:
+            logger.warning("checkpoint upload of run %s failed too: %r", self.run_id, failure)
+
+    def _upload_in_background(self, snapshot: Path, epoch: float, best_dir: str | None) -> None:
+        try:
+            self._commit(snapshot, epoch, best_dir)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
+            self._failure = exc
+        finally:
+            shutil.rmtree(snapshot.parent, ignore_errors=True)
+
+    def _commit(self, local_dir: Path, epoch: float, best_dir: str | None) -> None:
         started = time.perf_counter()
         files = sorted(p for p in local_dir.rglob("*") if p.is_file())
         manifest = {
@@ -60,9 +113,10 @@ class CheckpointStore:
         }
         target = f"{ROOT}/{local_dir.name}"
         for i, path in enumerate(files):
-            self.tracker.upload(self.run_id, path, str(Path(target, path.relative_to(local_dir).parent)))
+            self.tracker.upload(self.run_id, path, str(Path(target, path.relative_to(local_dir).parent)), link=True)
             if i == 0:
                 faults.failpoint("checkpoint_upload")
+        self.guard()
         with tempfile.TemporaryDirectory() as tmp:
             manifest_path = Path(tmp, MANIFEST)
             manifest_path.write_text(json.dumps(manifest, indent=1))
@@ -71,11 +125,11 @@ class CheckpointStore:
         logger.info("checkpoint uploaded run=%s path=%s files=%d seconds=%.2f", self.run_id, target, len(files),
                     time.perf_counter() - started)
         keep = {local_dir.name, Path(best_dir).name if best_dir else None}
+        self.guard()
         for name in self._names():
             if name not in keep:
                 self.tracker.delete_artifacts(self.run_id, f"{ROOT}/{name}")
         faults.failpoint("checkpoint_committed")
-        return target
 
     def restore(self, dst: Path) -> Path | None:
         """Download the newest verified checkpoint (and the best one it refers to) into ``dst``."""

@@ -2,15 +2,27 @@
 
 ``PIPELINES_FAILPOINT=checkpoint_upload:2`` kills the process the 2nd time it reaches
 ``failpoint("checkpoint_upload")``.  Unset (always, outside tests) it does nothing.
+
+Before killing, a failpoint lets background work registered with :func:`settle_before_kill` (checkpoint
+uploads) finish, unless it fires inside that work: a kill at ``train_step:16`` then lands after the
+checkpoints saved before step 16 are committed, whatever the upload speed, and a kill during an upload
+is the ``checkpoint_upload`` failpoint, inside it.
 """
 
 import logging
 import os
 import signal
+import threading
+import weakref
 from collections import Counter
 
 logger = logging.getLogger(__name__)
 _hits: Counter = Counter()
+_background: weakref.WeakSet = weakref.WeakSet()
+
+
+def settle_before_kill(thread: threading.Thread) -> None:
+    _background.add(thread)
 
 
 def failpoint(name: str) -> None:
@@ -22,6 +34,9 @@ def failpoint(name: str) -> None:
         return
     _hits[name] += 1
     if _hits[name] == int(count or 1):
+        for thread in list(_background):
+            if thread is not threading.current_thread():
+                thread.join()
         logger.warning("failpoint %s reached (hit %d): killing this process with SIGKILL", name, _hits[name])
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -18,6 +18,7 @@ import os
 import random
 import signal
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ import sqlalchemy.exc
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pipelines.config import ConfigError, NotFound
@@ -343,13 +345,42 @@ class Tracker:
 
     # ------------------------------------------------------------ artifacts
 
-    def upload(self, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a file or a folder's contents to ``artifact_path`` of the run."""
+    def upload(self, run_id: str, local_path: str | Path, artifact_path: str | None = None,
+               link: bool = False) -> None:
+        """Upload a file or a folder's contents to ``artifact_path`` of the run.
+
+        ``link``: where the run's artifact store is a local folder on the same filesystem, hard-link the files
+        instead of copying them. Only for files nothing rewrites in place afterwards (a saved checkpoint or
+        model in a work folder), since the artifact then shares their data.
+        """
         local_path = Path(local_path)
+        if link and self._link(run_id, local_path, artifact_path):
+            return
         if local_path.is_dir():
             self.client.log_artifacts(run_id, str(local_path), artifact_path)
         else:
             self.client.log_artifact(run_id, str(local_path), artifact_path)
+
+    def _link(self, run_id: str, local_path: Path, artifact_path: str | None) -> bool:
+        """Hard-link ``local_path`` into a local artifact folder; False where the store is not local or a link
+        fails (another filesystem): the caller copies instead."""
+        uri = self.client.get_run(run_id).info.artifact_uri
+        if urllib.parse.urlparse(uri).scheme not in ("", "file"):
+            return False
+        root = Path(local_file_uri_to_path(uri), artifact_path or "")
+        base = local_path if local_path.is_dir() else local_path.parent
+        files = sorted(p for p in local_path.rglob("*") if p.is_file()) if local_path.is_dir() else [local_path]
+        try:
+            for path in files:
+                target = root / path.relative_to(base)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+                os.link(path, staged)
+                os.replace(staged, target)
+        except OSError as exc:
+            logger.info("hard links into %s failed (%s): copying instead", root, exc)
+            return False
+        return True
 
     def download(self, run_id: str, artifact_path: str, dst: str | Path) -> Path:
         Path(dst).mkdir(parents=True, exist_ok=True)

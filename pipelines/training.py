@@ -60,7 +60,8 @@ class MlflowMetrics(TrainerCallback):
 
 
 class UploadCheckpoints(TrainerCallback):
-    """Each Trainer save -> a verified copy in the artifact store (latest and best kept)."""
+    """Each Trainer save -> a verified copy in the artifact store (latest and best kept), uploaded while training
+    goes on."""
 
     def __init__(self, store: CheckpointStore):
         self.store = store
@@ -109,17 +110,27 @@ def fit(
     if checkpoint and _stopped(checkpoint):
         _finish_stopped(trainer, checkpoint, run_id, averages)
     else:
-        trainer.train(resume_from_checkpoint=str(start) if start else None)
+        _train(trainer, store, start)
     if save_model:
         model_dir = work_dir / "model"
         task.save(trainer, built, model_dir, cfg)
-        tracker.upload(run_id, model_dir, "model")
+        tracker.upload(run_id, model_dir, "model", link=True)
     if valid is None:
         return FitResult(metrics={"epochs_trained": trainer.state.epoch}, predictions=None)
     metrics, predictions = task.evaluate(trainer, built, valid, cfg, data)
     metrics.update(epochs_trained=trainer.state.epoch,
                    best_epoch=_best_epoch(trainer.state.log_history, cfg.metric, cfg.greater_is_better()))
     return FitResult(metrics=metrics, predictions=predictions)
+
+
+def _train(trainer: Trainer, store: CheckpointStore, start: Path | None) -> None:
+    """``trainer.train``, then the last checkpoint upload committed (also when training fails)."""
+    try:
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
+    except BaseException:
+        store.wait(reraise=False)
+        raise
+    store.wait()
 
 
 def _continue_from(cfg: StageConfig, model: ModelSource, trainer: Trainer, work_dir: Path) -> Path | None:

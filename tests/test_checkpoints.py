@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,6 +44,7 @@ def test_commit_tags_and_prunes_all_but_latest_and_best(unit, tmp_path):
     store.commit(fake_checkpoint(local, 5), epoch=1)
     store.commit(fake_checkpoint(local, 10), epoch=2, best_dir=str(local / "checkpoint-5"))
     store.commit(fake_checkpoint(local, 15), epoch=3, best_dir=str(local / "checkpoint-5"))
+    store.wait()
     names = sorted(Path(p).name for p in tracker.list_artifacts(run_id, "checkpoints"))
     assert names == ["checkpoint-15", "checkpoint-5"]
     tags = tracker.get_run(run_id).data.tags
@@ -53,6 +57,7 @@ def test_corrupt_latest_falls_back_to_previous_good_copy(unit, tmp_path, caplog)
     store.commit(fake_checkpoint(local, 5), epoch=1)
     store.commit(fake_checkpoint(local, 10, best=str(local / "checkpoint-5")), epoch=2,
                  best_dir=str(local / "checkpoint-5"))
+    store.wait()
     weights = artifact_file(tracker, run_id, "checkpoints/checkpoint-10/model.safetensors")
     weights.write_bytes(weights.read_bytes()[:500])  # a torn copy
 
@@ -68,6 +73,7 @@ def test_best_checkpoint_path_is_rewritten_to_the_local_copy(unit, tmp_path):
     store.commit(fake_checkpoint(local, 5), epoch=1)
     store.commit(fake_checkpoint(local, 10, best="/other/machine/checkpoint-5"), epoch=2,
                  best_dir=str(local / "checkpoint-5"))
+    store.wait()
     restored = store.restore(tmp_path / "restore")
     state = json.loads((restored / "trainer_state.json").read_text())
     assert restored.name == "checkpoint-10"
@@ -77,7 +83,9 @@ def test_best_checkpoint_path_is_rewritten_to_the_local_copy(unit, tmp_path):
 
 def test_checkpoint_of_other_settings_is_rejected(unit, tmp_path, caplog):
     tracker, run_id, _ = unit
-    CheckpointStore(tracker, run_id, "fp-other").commit(fake_checkpoint(tmp_path / "out", 5), epoch=1)
+    other = CheckpointStore(tracker, run_id, "fp-other")
+    other.commit(fake_checkpoint(tmp_path / "out", 5), epoch=1)
+    other.wait()
     assert CheckpointStore(tracker, run_id, "fp1").restore(tmp_path / "restore") is None
     assert "belongs to settings fp-other" in caplog.text
 
@@ -85,6 +93,7 @@ def test_checkpoint_of_other_settings_is_rejected(unit, tmp_path, caplog):
 def test_clear_removes_checkpoints_and_tags(unit, tmp_path):
     tracker, run_id, store = unit
     store.commit(fake_checkpoint(tmp_path / "out", 5), epoch=1)
+    store.wait()
     store.clear()
     assert tracker.list_artifacts(run_id, "checkpoints") == []
     assert "checkpoint" not in tracker.get_run(run_id).data.tags
@@ -97,8 +106,87 @@ def test_manifest_that_does_not_parse_is_a_bad_copy_not_a_crash(unit, tmp_path, 
     store.commit(fake_checkpoint(local, 5), epoch=1)
     store.commit(fake_checkpoint(local, 10, best=str(local / "checkpoint-5")), epoch=2,
                  best_dir=str(local / "checkpoint-5"))
+    store.wait()
     artifact_file(tracker, run_id, "checkpoints/checkpoint-10/manifest.json").write_text('{"files": {"model.saf')
 
     restored = store.restore(tmp_path / "restore")
     assert restored is not None and restored.name == "checkpoint-5"
     assert "checkpoint-10" in caplog.text and "its manifest does not parse" in caplog.text
+
+
+class GatedUploads:
+    """The real ``Tracker.upload``, recording each call, held at a gate until the test opens it."""
+
+    def __init__(self, tracker: Tracker, monkeypatch):
+        self.real, self.calls, self.gate = tracker.upload, [], threading.Event()
+        monkeypatch.setattr(tracker, "upload", self)
+
+    def __call__(self, run_id, local_path, artifact_path=None, link=False):
+        assert self.gate.wait(timeout=60)
+        self.calls.append(f"{artifact_path}/{Path(local_path).name}")
+        self.real(run_id, local_path, artifact_path, link=link)
+
+
+def test_upload_runs_in_the_background_one_at_a_time(unit, tmp_path, monkeypatch):
+    tracker, run_id, store = unit
+    uploads = GatedUploads(tracker, monkeypatch)
+    local = tmp_path / "out"
+    store.commit(fake_checkpoint(local, 5), epoch=1)
+    # commit returned while its upload waits at the gate: training goes on meanwhile
+    assert uploads.calls == [] and "checkpoint" not in tracker.get_run(run_id).data.tags
+    shutil.rmtree(local / "checkpoint-5")  # the Trainer's rotation may delete the folder during the upload
+    second = threading.Thread(target=store.commit, args=(fake_checkpoint(local, 10), 2))
+    second.start()
+    uploads.gate.set()
+    second.join()
+    store.wait()
+    # the first copy, manifest last, was committed before any file of the second one
+    assert uploads.calls == ["checkpoints/checkpoint-5/model.safetensors", "checkpoints/checkpoint-5/trainer_state.json",
+                             "checkpoints/checkpoint-5/manifest.json", "checkpoints/checkpoint-10/model.safetensors",
+                             "checkpoints/checkpoint-10/trainer_state.json", "checkpoints/checkpoint-10/manifest.json"]
+    assert tracker.get_run(run_id).data.tags["checkpoint"] == "checkpoints/checkpoint-10"
+    assert [Path(p).name for p in tracker.list_artifacts(run_id, "checkpoints")] == ["checkpoint-10"]
+    assert not list(local.glob(".upload-*"))  # the hard-linked snapshots are gone
+
+
+def test_local_artifact_store_gets_hard_links_that_survive_the_trainer_folder(unit, tmp_path):
+    tracker, run_id, store = unit
+    local = tmp_path / "out"
+    store.commit(fake_checkpoint(local, 5), epoch=1)
+    store.wait()
+    stored = artifact_file(tracker, run_id, "checkpoints/checkpoint-5/model.safetensors")
+    assert os.path.samefile(stored, local / "checkpoint-5" / "model.safetensors")  # linked, not copied
+    shutil.rmtree(local)
+    assert store.restore(tmp_path / "restore").name == "checkpoint-5"
+
+
+def test_upload_error_is_raised_by_the_next_call(unit, tmp_path, monkeypatch, caplog):
+    tracker, run_id, store = unit
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("artifact store unreachable")
+
+    monkeypatch.setattr(tracker, "upload", unreachable)
+    store.commit(fake_checkpoint(tmp_path / "out", 5), epoch=1)
+    with pytest.raises(ConnectionError, match="unreachable"):
+        store.wait()
+    store.wait()  # raised once
+    store.commit(fake_checkpoint(tmp_path / "out", 10), epoch=2)
+    store.wait(reraise=False)  # training already failed: logged, not raised over that error
+    assert "checkpoint upload of run" in caplog.text and "unreachable" in caplog.text
+    assert "checkpoint" not in tracker.get_run(run_id).data.tags
+
+
+def test_guard_stops_the_upload_before_its_manifest(unit, tmp_path):
+    tracker, run_id, _ = unit
+
+    def lease_lost():
+        raise RuntimeError("lease taken over")
+
+    store = CheckpointStore(tracker, run_id, "fp1", guard=lease_lost)
+    store.commit(fake_checkpoint(tmp_path / "out", 5), epoch=1)
+    with pytest.raises(RuntimeError, match="lease taken over"):
+        store.wait()
+    assert "checkpoint" not in tracker.get_run(run_id).data.tags
+    assert not artifact_file(tracker, run_id, "checkpoints/checkpoint-5/manifest.json").exists()
+    assert CheckpointStore(tracker, run_id, "fp1").restore(tmp_path / "restore") is None

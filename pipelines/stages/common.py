@@ -84,7 +84,7 @@ def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.Data
     ``lease``: the unit's lease (None where another mechanism owns the unit, e.g. an Optuna trial).
     """
     train = with_augmentations(ctx, run_id, train)
-    store = CheckpointStore(ctx.tracker, run_id, ctx.fingerprint)
+    store = CheckpointStore(ctx.tracker, run_id, ctx.fingerprint, guard=lease.check if lease else None)
     with tempfile.TemporaryDirectory(prefix="pipelines-unit-") as work:
         result = fit(ctx.cfg, ctx.task, ctx.model, ctx.data, train, valid, ctx.tracker, run_id, store, Path(work),
                      callbacks=[*([KeepLease(lease)] if lease else []), *callbacks], save_model=save_model)
