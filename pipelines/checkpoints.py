@@ -10,7 +10,8 @@ Uploads run in a background thread while training goes on, one at a time: a comm
 previous upload to be committed, and ``wait`` (before a unit is marked done) for the last one.  The
 thread uploads hard links to the checkpoint's files (the Trainer may delete the folder meanwhile),
 and a local artifact store receives hard links too, not copies.  A kill during an upload leaves the
-previous verified copy the one a resume uses.
+previous verified copy the one a resume uses; so does a failed or interrupted training, which stops
+the upload in flight before its next file (``cancel``).
 """
 
 from __future__ import annotations
@@ -59,73 +60,113 @@ def _step(name: str) -> int:
         return -1
 
 
+class UploadCancelled(Exception):
+    """The training thread stopped a background upload: training failed or was interrupted."""
+
+
+class _Upload:
+    """One upload in a daemon thread, with events that a signal raising in the waiting thread cannot leave
+    half-set (``Thread.join`` can return early after an interrupted join)."""
+
+    def __init__(self, work: Callable[[Callable[[], None]], None], name: str):
+        self.done, self.cancelled = threading.Event(), threading.Event()
+        self.failure: BaseException | None = None
+        thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
+        thread.start()
+        faults.settle_before_kill(thread)
+
+    def _run(self, work: Callable[[Callable[[], None]], None]) -> None:
+        try:
+            work(self.check)
+        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait() or cancel()
+            self.failure = exc
+        finally:
+            self.done.set()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise UploadCancelled("the upload was stopped before it committed")
+
+
 class CheckpointStore:
     """The checkpoints of one unit run in the artifact store.
 
-    ``guard`` is called before an upload writes its manifest or prunes, in the upload thread (e.g. a lease
-    check: a worker that lost its unit must not commit into the new owner's run).
+    ``guard`` is called in the upload thread before each file, the manifest and the pruning (e.g. a lease
+    check: a worker that lost its unit must not write into the new owner's run).
     """
 
     def __init__(self, tracker: Tracker, run_id: str, fingerprint: str, guard: Callable[[], None] | None = None):
         self.tracker, self.run_id, self.fingerprint = tracker, run_id, fingerprint
         self.guard = guard or (lambda: None)
-        self._upload: threading.Thread | None = None
-        self._failure: BaseException | None = None
+        self._upload: _Upload | None = None
 
     def commit(self, local_dir: Path, epoch: float, best_dir: str | None = None) -> None:
         """Start uploading ``local_dir`` (a Trainer checkpoint), then pruning all but it and ``best_dir``, in the
         background, once the previous upload is committed. An upload's error is raised by the next call."""
         self.wait()
-        snapshot = Path(tempfile.mkdtemp(prefix=".upload-", dir=local_dir.parent)) / local_dir.name
-        shutil.copytree(local_dir, snapshot, copy_function=_link_or_copy)
-        self._upload = threading.Thread(target=self._upload_in_background, args=(snapshot, epoch, best_dir),
-                                        name=f"upload-{local_dir.name}", daemon=True)
-        self._upload.start()
-        faults.settle_before_kill(self._upload)
-
-    def wait(self, reraise: bool = True) -> None:
-        """Return once the upload in flight, if any, is committed; raise its error (log it with ``reraise=False``,
-        when another error is already on its way)."""
-        if self._upload is not None:
-            self._upload.join()
-            self._upload = None
-        failure, self._failure = self._failure, None
-        if failure is not None and reraise:
-            raise failure
-        if failure is not None:
-            logger.warning("checkpoint upload of run %s failed too: %r", self.run_id, failure)
-
-    def _upload_in_background(self, snapshot: Path, epoch: float, best_dir: str | None) -> None:
+        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=local_dir.parent))
+        snapshot = staging / local_dir.name
         try:
-            self._commit(snapshot, epoch, best_dir)
-        except BaseException as exc:  # noqa: BLE001 - handed to the training thread by wait()
-            self._failure = exc
-        finally:
-            shutil.rmtree(snapshot.parent, ignore_errors=True)
+            shutil.copytree(local_dir, snapshot, copy_function=_link_or_copy)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._upload = _Upload(lambda check: self._commit(snapshot, epoch, best_dir, check), f"upload-{snapshot.name}")
 
-    def _commit(self, local_dir: Path, epoch: float, best_dir: str | None) -> None:
-        started = time.perf_counter()
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-        manifest = {
-            "step": _step(local_dir.name),
-            "fingerprint": self.fingerprint,
-            "files": {str(p.relative_to(local_dir)): _sha256(p) for p in files},
-        }
-        target = f"{ROOT}/{local_dir.name}"
-        for i, path in enumerate(files):
-            self.tracker.upload(self.run_id, path, str(Path(target, path.relative_to(local_dir).parent)), link=True)
-            if i == 0:
-                faults.failpoint("checkpoint_upload")
-        self.guard()
-        with tempfile.TemporaryDirectory() as tmp:
-            manifest_path = Path(tmp, MANIFEST)
-            manifest_path.write_text(json.dumps(manifest, indent=1))
-            self.tracker.upload(self.run_id, manifest_path, target)  # last: it marks the copy complete
+    def wait(self) -> None:
+        """Return once the upload in flight, if any, is committed; raise its error."""
+        upload = self._upload
+        if upload is None:
+            return
+        upload.done.wait()
+        self._upload = None
+        if upload.failure is not None:
+            raise upload.failure
+
+    def cancel(self) -> None:
+        """Stop the upload in flight before its next file (training failed or was interrupted) and wait for that:
+        the previous verified copy stays the one a resume uses. Its own error, if any, is logged."""
+        upload, self._upload = self._upload, None
+        if upload is None:
+            return
+        upload.cancelled.set()
+        upload.done.wait()
+        if upload.failure is not None and not isinstance(upload.failure, UploadCancelled):
+            logger.warning("checkpoint upload of run %s failed too: %r", self.run_id, upload.failure)
+
+    def _commit(self, local_dir: Path, epoch: float, best_dir: str | None, check: Callable[[], None]) -> None:
+        """Upload the snapshot ``local_dir``, manifest last; tag it; prune; remove the snapshot."""
+        def go_on() -> None:
+            check()
+            self.guard()
+
+        try:
+            started = time.perf_counter()
+            files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+            manifest = {
+                "step": _step(local_dir.name),
+                "fingerprint": self.fingerprint,
+                "files": {str(p.relative_to(local_dir)): _sha256(p) for p in files},
+            }
+            target = f"{ROOT}/{local_dir.name}"
+            for i, path in enumerate(files):
+                go_on()
+                self.tracker.upload(self.run_id, path, str(Path(target, path.relative_to(local_dir).parent)),
+                                    link=True)
+                if i == 0:
+                    faults.failpoint("checkpoint_upload")
+            go_on()
+            with tempfile.TemporaryDirectory() as tmp:
+                manifest_path = Path(tmp, MANIFEST)
+                manifest_path.write_text(json.dumps(manifest, indent=1))
+                self.tracker.upload(self.run_id, manifest_path, target)  # last: it marks the copy complete
+        finally:
+            shutil.rmtree(local_dir.parent, ignore_errors=True)
         self.tracker.set_tags(self.run_id, {TAG: target, EPOCH_TAG: f"{epoch:g}"})
         logger.info("checkpoint uploaded run=%s path=%s files=%d seconds=%.2f", self.run_id, target, len(files),
                     time.perf_counter() - started)
         keep = {local_dir.name, Path(best_dir).name if best_dir else None}
-        self.guard()
+        go_on()
         for name in self._names():
             if name not in keep:
                 self.tracker.delete_artifacts(self.run_id, f"{ROOT}/{name}")

@@ -28,6 +28,7 @@ import mlflow
 import sqlalchemy.exc
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.local_artifact_repo import _TEMP_ARTIFACT_PREFIX
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
@@ -363,21 +364,29 @@ class Tracker:
 
     def _link(self, run_id: str, local_path: Path, artifact_path: str | None) -> bool:
         """Hard-link ``local_path`` into a local artifact folder; False where the store is not local or a link
-        fails (another filesystem): the caller copies instead."""
+        fails (another filesystem): then nothing of it is left linked, and the caller copies instead."""
         uri = self.client.get_run(run_id).info.artifact_uri
         if urllib.parse.urlparse(uri).scheme not in ("", "file"):
             return False
         root = Path(local_file_uri_to_path(uri), artifact_path or "")
         base = local_path if local_path.is_dir() else local_path.parent
         files = sorted(p for p in local_path.rglob("*") if p.is_file()) if local_path.is_dir() else [local_path]
+        linked = []
         try:
             for path in files:
                 target = root / path.relative_to(base)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                staged = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-                os.link(path, staged)
-                os.replace(staged, target)
+                # MLflow's own prefix for files being written: listings skip it
+                staged = target.with_name(f"{_TEMP_ARTIFACT_PREFIX}{uuid.uuid4().hex}")
+                try:
+                    os.link(path, staged)
+                    os.replace(staged, target)
+                finally:
+                    staged.unlink(missing_ok=True)
+                linked.append(target)
         except OSError as exc:
+            for target in linked:  # the copy must not write onto links to its own sources
+                target.unlink(missing_ok=True)
             logger.info("hard links into %s failed (%s): copying instead", root, exc)
             return False
         return True

@@ -124,13 +124,14 @@ def fit(
 
 
 def _train(trainer: Trainer, store: CheckpointStore, start: Path | None) -> None:
-    """``trainer.train``, then the last checkpoint upload committed (also when training fails)."""
+    """``trainer.train``, then the last checkpoint upload committed. When training fails or is interrupted (also
+    while it waits for an upload), the upload in flight stops before its next file."""
     try:
         trainer.train(resume_from_checkpoint=str(start) if start else None)
+        store.wait()
     except BaseException:
-        store.wait(reraise=False)
+        store.cancel()
         raise
-    store.wait()
 
 
 def _continue_from(cfg: StageConfig, model: ModelSource, trainer: Trainer, work_dir: Path) -> Path | None:

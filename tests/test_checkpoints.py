@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
 import pytest
 
 from pipelines.checkpoints import CheckpointStore
+from pipelines.training import _train
 from pipelines.tracking import Tracker
 
 
@@ -114,6 +117,15 @@ def test_manifest_that_does_not_parse_is_a_bad_copy_not_a_crash(unit, tmp_path, 
     assert "checkpoint-10" in caplog.text and "its manifest does not parse" in caplog.text
 
 
+def call(function, *args) -> list[BaseException]:
+    """The exception ``function(*args)`` raised, in a list (for a thread whose errors the test must see)."""
+    try:
+        function(*args)
+    except BaseException as exc:  # noqa: BLE001
+        return [exc]
+    return []
+
+
 class GatedUploads:
     """The real ``Tracker.upload``, recording each call, held at a gate until the test opens it."""
 
@@ -135,15 +147,16 @@ def test_upload_runs_in_the_background_one_at_a_time(unit, tmp_path, monkeypatch
     # commit returned while its upload waits at the gate: training goes on meanwhile
     assert uploads.calls == [] and "checkpoint" not in tracker.get_run(run_id).data.tags
     shutil.rmtree(local / "checkpoint-5")  # the Trainer's rotation may delete the folder during the upload
-    second = threading.Thread(target=store.commit, args=(fake_checkpoint(local, 10), 2))
+    errors = []
+    second = threading.Thread(target=lambda: errors.extend(call(store.commit, fake_checkpoint(local, 10), 2)))
     second.start()
     uploads.gate.set()
     second.join()
     store.wait()
+    assert errors == []
     # the first copy, manifest last, was committed before any file of the second one
-    assert uploads.calls == ["checkpoints/checkpoint-5/model.safetensors", "checkpoints/checkpoint-5/trainer_state.json",
-                             "checkpoints/checkpoint-5/manifest.json", "checkpoints/checkpoint-10/model.safetensors",
-                             "checkpoints/checkpoint-10/trainer_state.json", "checkpoints/checkpoint-10/manifest.json"]
+    assert uploads.calls == [f"checkpoints/checkpoint-{step}/{name}" for step in (5, 10)
+                             for name in ("model.safetensors", "trainer_state.json", "manifest.json")]
     assert tracker.get_run(run_id).data.tags["checkpoint"] == "checkpoints/checkpoint-10"
     assert [Path(p).name for p in tracker.list_artifacts(run_id, "checkpoints")] == ["checkpoint-10"]
     assert not list(local.glob(".upload-*"))  # the hard-linked snapshots are gone
@@ -163,7 +176,10 @@ def test_local_artifact_store_gets_hard_links_that_survive_the_trainer_folder(un
 def test_upload_error_is_raised_by_the_next_call(unit, tmp_path, monkeypatch, caplog):
     tracker, run_id, store = unit
 
+    tried = threading.Event()
+
     def unreachable(*args, **kwargs):
+        tried.set()
         raise ConnectionError("artifact store unreachable")
 
     monkeypatch.setattr(tracker, "upload", unreachable)
@@ -172,7 +188,12 @@ def test_upload_error_is_raised_by_the_next_call(unit, tmp_path, monkeypatch, ca
         store.wait()
     store.wait()  # raised once
     store.commit(fake_checkpoint(tmp_path / "out", 10), epoch=2)
-    store.wait(reraise=False)  # training already failed: logged, not raised over that error
+    with pytest.raises(ConnectionError, match="unreachable"):  # the next commit raises it too
+        store.commit(fake_checkpoint(tmp_path / "out", 15), epoch=3)
+    tried.clear()
+    store.commit(fake_checkpoint(tmp_path / "out", 20), epoch=4)
+    assert tried.wait(timeout=30)  # its upload has failed (or is failing): cancelling cannot pre-empt it
+    store.cancel()  # training already failed: logged, not raised over that error
     assert "checkpoint upload of run" in caplog.text and "unreachable" in caplog.text
     assert "checkpoint" not in tracker.get_run(run_id).data.tags
 
@@ -190,3 +211,70 @@ def test_guard_stops_the_upload_before_its_manifest(unit, tmp_path):
     assert "checkpoint" not in tracker.get_run(run_id).data.tags
     assert not artifact_file(tracker, run_id, "checkpoints/checkpoint-5/manifest.json").exists()
     assert CheckpointStore(tracker, run_id, "fp1").restore(tmp_path / "restore") is None
+
+
+class Interrupted(BaseException):
+    """What SIGTERM raises in the main thread of a stage (pipelines.tracking.Interrupted)."""
+
+
+class CommitsThenReturns:
+    """A Trainer whose ``train`` saves one checkpoint (the UploadCheckpoints callback's commit) and returns."""
+
+    def __init__(self, store: CheckpointStore, folder: Path):
+        self.store, self.folder = store, folder
+
+    def train(self, resume_from_checkpoint=None):
+        self.store.commit(fake_checkpoint(self.folder, 5), epoch=1)
+
+
+def test_training_returns_only_once_the_last_upload_is_committed(unit, tmp_path, monkeypatch):
+    tracker, run_id, store = unit
+    uploads = GatedUploads(tracker, monkeypatch)
+    threading.Timer(1.0, uploads.gate.set).start()
+    _train(CommitsThenReturns(store, tmp_path / "out"), store, None)
+    assert uploads.calls[-1] == "checkpoints/checkpoint-5/manifest.json"
+    assert tracker.get_run(run_id).data.tags["checkpoint"] == "checkpoints/checkpoint-5"
+
+
+def test_a_signal_while_waiting_for_the_upload_stops_it_before_the_next_file(unit, tmp_path, monkeypatch):
+    tracker, run_id, store = unit
+    uploads = GatedUploads(tracker, monkeypatch)
+
+    def interrupt(signum, frame):
+        threading.Timer(0.5, uploads.gate.set).start()  # the file in flight finishes after the interrupt
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)  # a real signal, while _train waits for the upload at the gate
+    try:
+        with pytest.raises(Interrupted):
+            _train(CommitsThenReturns(store, tmp_path / "out"), store, None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    # _train returned after the upload thread stopped: the file in flight, nothing after it, no manifest
+    assert uploads.calls == ["checkpoints/checkpoint-5/model.safetensors"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("upload-")]
+    assert "checkpoint" not in tracker.get_run(run_id).data.tags
+    assert store.restore(tmp_path / "restore") is None
+
+
+def test_a_failed_hard_link_falls_back_to_copies(unit, tmp_path, monkeypatch):
+    tracker, run_id, store = unit
+    real_link, tries = os.link, []
+
+    def link_once_then_cross_device(src, dst):
+        tries.append(src)
+        if len(tries) > 1:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link_once_then_cross_device)
+    local = tmp_path / "out"
+    store.commit(fake_checkpoint(local, 5), epoch=1)
+    store.wait()
+    stored = artifact_file(tracker, run_id, "checkpoints/checkpoint-5/model.safetensors")
+    assert stored.read_bytes() == (local / "checkpoint-5" / "model.safetensors").read_bytes()
+    assert not os.path.samefile(stored, local / "checkpoint-5" / "model.safetensors")  # copied
+    assert not list(stored.parent.glob(".artifact.uploading.*"))
+    assert store.restore(tmp_path / "restore").name == "checkpoint-5"
