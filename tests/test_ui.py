@@ -213,6 +213,13 @@ def expect_cell(page, run, column: str, text: str):
         text)
 
 
+def run_list(page, ui, experiment: str, columns: list[str]):
+    """The experiment's run list, its stage run expanded to show the unit runs, with ``columns`` added."""
+    open_runs(page, ui, experiment)
+    expand_parent(page, ui, experiment)
+    show_columns(page, columns)
+
+
 def screenshot(page, path: Path):
     page.mouse.move(0, 0)  # no hover highlight left from the last click
     page.screenshot(path=path)
@@ -221,9 +228,7 @@ def screenshot(page, path: Path):
 def test_run_list_groups_the_fold_runs_under_the_kfold_run(ui, page, shots):
     runs = ui["cv"]
     assert [r.info.run_name for r in runs["children"]] == ["fold-0", "fold-1", "fold-2"]
-    open_runs(page, ui, "cv")
-    expand_parent(page, ui, "cv")
-    show_columns(page, ["cv_f1_macro_mean", "cv_f1_macro_std", "final_f1_macro"])
+    run_list(page, ui, "cv", ["cv_f1_macro_mean", "cv_f1_macro_std", "final_f1_macro"])
     parent = runs["parent"]
     for name in ("cv_f1_macro_mean", "cv_f1_macro_std"):
         expect_cell(page, parent, f"metrics.`{name}`", js_string(parent.data.metrics[name]))
@@ -280,9 +285,7 @@ def test_compare_view_shows_the_folds_side_by_side(ui, page, shots):
 def test_run_list_groups_the_trial_runs_under_the_optuna_run(ui, page, shots):
     runs = ui["hpo"]
     assert [r.info.run_name for r in runs["children"]] == ["trial-0", "trial-1", "trial-2"]
-    open_runs(page, ui, "hpo")
-    expand_parent(page, ui, "hpo")
-    show_columns(page, ["best_value", "objective", "learning_rate"])
+    run_list(page, ui, "hpo", ["best_value", "objective", "learning_rate"])
     expect_cell(page, runs["parent"], "metrics.`best_value`", js_string(runs["parent"].data.metrics["best_value"]))
     for trial in runs["children"]:
         expect_cell(page, trial, "metrics.`objective`", js_string(trial.data.metrics["objective"]))
