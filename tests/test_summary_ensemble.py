@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 from conftest import run_entrypoint, store_env
-from helpers import artifact_frame, parents
+from helpers import artifact_frame, free_port, parents
 from seq2seq_fixtures import make_tiny_bart, make_tiny_summaries
-from test_ensemble import _free_port, _post
+from test_ensemble import _post
 
 from pipelines.mbr import mbr_choice
 from pipelines.rouge import corpus_scores
@@ -39,7 +39,7 @@ def test_summary_ensemble_is_registered_and_served(tmp_path):
     expected = corpus_scores(oof["reference"], oof["generated"], "whitespace")  # one source: its own summaries
     assert abs(parent.data.metrics["ensemble_rouge_mean"] - expected["rouge_mean"]) < 1e-12
 
-    port = _free_port()
+    port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     server = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/summaries@champion",
                                "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
