@@ -156,6 +156,7 @@ class Tracker:
         self._open: list[str] = []
         self._shared: dict[str, Callable[[], bool]] = {}  # run id -> "another worker is still on it"
         self._on_close: list[Callable[[], None]] = []
+        self._artifact_uris: dict[str, str] = {}  # run id -> artifact URI (fixed when the run is created)
 
     def _experiment(self, name: str) -> str:
         name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
@@ -365,7 +366,7 @@ class Tracker:
     def _link(self, run_id: str, local_path: Path, artifact_path: str | None) -> bool:
         """Hard-link ``local_path`` into a local artifact folder; False where the store is not local or a link
         fails (another filesystem): then nothing of it is left linked, and the caller copies instead."""
-        uri = self.client.get_run(run_id).info.artifact_uri
+        uri = self._artifact_uri(run_id)
         if urllib.parse.urlparse(uri).scheme not in ("", "file"):
             return False
         root = Path(local_file_uri_to_path(uri), artifact_path or "")
@@ -399,8 +400,12 @@ class Tracker:
         return [info.path for info in self.client.list_artifacts(run_id, path)]
 
     def delete_artifacts(self, run_id: str, path: str) -> None:
-        repo = get_artifact_repository(self.client.get_run(run_id).info.artifact_uri)
-        repo.delete_artifacts(path)
+        get_artifact_repository(self._artifact_uri(run_id)).delete_artifacts(path)
+
+    def _artifact_uri(self, run_id: str) -> str:
+        if run_id not in self._artifact_uris:
+            self._artifact_uris[run_id] = self.client.get_run(run_id).info.artifact_uri
+        return self._artifact_uris[run_id]
 
 
 def claim_launcher(worker: str) -> None:
