@@ -106,7 +106,8 @@ def postgres_url(tmp_path_factory):
     """A real PostgreSQL server on 127.0.0.1 (Debian's binaries), for the session."""
     import glob
     import shutil
-    import socket
+
+    from helpers import free_port
 
     bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
     if not bindirs:
@@ -120,9 +121,7 @@ def postgres_url(tmp_path_factory):
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         shutil.chown(folder, "postgres")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     data = folder / "data"
     subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
                    check=True, capture_output=True)
