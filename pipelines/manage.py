@@ -678,6 +678,8 @@ def main(argv: list[str] | None = None) -> None:
         COMMANDS[args.command](args, AdminStore(), sys.stdout)
     except UserError as exc:
         top.exit(2, f"pipelines {args.command}: error: {exc}\n")
+    except BrokenPipeError:  # the reader stopped early (`pipelines runs | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed
 
 
 if __name__ == "__main__":

@@ -212,6 +212,16 @@ def test_runs_lists_stage_runs_with_their_progress(source, monkeypatch, capsys):
     assert rows[ids["finished"]]["EXPERIMENT"] == "cv" and rows[ids["optuna"]]["STAGE"] == "optuna"
 
 
+def test_a_reader_that_stops_early_is_no_error(source):
+    """`pipelines runs | head -1`: the reader closes the pipe before the table is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.manage", "runs"], env=source["env"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_runs_filters_by_experiment_stage_and_status(source, monkeypatch, capsys):
     ids, uri = source["ids"], source["uri"]
     assert set(table(pipelines(monkeypatch, capsys, uri, "runs", "--experiment", "cv"), "RUN ID")) == {
