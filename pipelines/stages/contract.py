@@ -1,4 +1,4 @@
-"""The resume contract for a stage's parent run (DESIGN.md section 3): start, re-attach, refuse, share.
+"""The resume contract for a stage's parent run (docs/architecture.md §3): start, re-attach, refuse, share.
 
 A stage invocation ends up attached to one parent run:
 - ``resume=false``: always a new parent run;

@@ -5,7 +5,7 @@ model). Vote weights are per source: `equal`, `score` (each source's validation 
 or `optimized` (a point of the probability simplex fitted on the sources' out-of-fold predictions
 to maximise `metric`; reported against `score` and `equal` on rows the fit did not see).
 
-The stage is resumable like every other (DESIGN.md section 3). Its steps, each done at most once per
+The stage is resumable like every other (docs/architecture.md §3). Its steps, each done at most once per
 ensemble run: log params and metrics, log the pyfunc model, register it as a new version of
 `registered_model_name`, point `alias` at that version, finish the run. A resumed run that already
 registered a version only points the alias at it; one that logged the model but did not register it
