@@ -2,8 +2,11 @@
 
 A Trainer checkpoint folder ``checkpoint-<step>`` is uploaded to ``checkpoints/checkpoint-<step>/``
 of the unit's run, its files first and ``manifest.json`` (sha256 of every file, step, fingerprint)
-last, so a copy without a manifest, or whose files do not match it, is torn and never used.
-The run's ``checkpoint`` tag names the latest verified copy.  Only the latest and the best copies
+last, so a copy without a manifest, or whose files do not match it, is torn and never used.  The
+manifest also records ``lease_epoch``, the fencing token of the unit's lease (pipelines/leases.py): each
+file, the manifest and the pruning are written only after that lease is renewed under its epoch, so a
+worker whose unit was taken over commits nothing after the takeover.  The run's ``checkpoint`` tag names
+the latest verified copy.  Only the latest and the best copies
 are kept; all are deleted once the unit has finished and its final model is logged.
 
 Uploads run in a background thread while training goes on, one at a time: a commit waits for the
@@ -91,13 +94,15 @@ class _Upload:
 class CheckpointStore:
     """The checkpoints of one unit run in the artifact store.
 
-    ``guard`` is called in the upload thread before each file, the manifest and the pruning (e.g. a lease
-    check: a worker that lost its unit must not write into the new owner's run).
+    ``guard`` is called in the upload thread before each file, the manifest and the pruning (the unit's
+    :meth:`~pipelines.leases.Lease.fence`: a worker that lost its unit must not write into the new owner's run);
+    it raises to stop the upload, and returns the fencing token (the lease's epoch) the manifest records.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, fingerprint: str, guard: Callable[[], None] | None = None):
+    def __init__(self, tracker: Tracker, run_id: str, fingerprint: str,
+                 guard: Callable[[], int | None] | None = None):
         self.tracker, self.run_id, self.fingerprint = tracker, run_id, fingerprint
-        self.guard = guard or (lambda: None)
+        self.guard: Callable[[], int | None] = guard or (lambda: None)
         self._upload: _Upload | None = None
 
     def commit(self, local_dir: Path, epoch: float, best_dir: str | None = None) -> None:
@@ -136,9 +141,9 @@ class CheckpointStore:
 
     def _commit(self, local_dir: Path, epoch: float, best_dir: str | None, check: Callable[[], None]) -> None:
         """Upload the snapshot ``local_dir``, manifest last; tag it; prune; remove the snapshot."""
-        def go_on() -> None:
+        def go_on() -> int | None:
             check()
-            self.guard()
+            return self.guard()
 
         try:
             started = time.perf_counter()
@@ -155,7 +160,7 @@ class CheckpointStore:
                                     link=True)
                 if i == 0:
                     faults.failpoint("checkpoint_upload")
-            go_on()
+            manifest["lease_epoch"] = go_on()
             with tempfile.TemporaryDirectory() as tmp:
                 manifest_path = Path(tmp, MANIFEST)
                 manifest_path.write_text(json.dumps(manifest, indent=1))

@@ -2,10 +2,12 @@
 
 One name per setting everywhere: the dataclass field is the command-line flag, the MLproject
 parameter and the MLflow param.  Values come, lowest precedence first, from the field default,
-an optional YAML file (``--config_file``), command-line flags and ``--config k=v,...``.
-A flag given an empty value is *not given*: every MLproject parameter defaults to ``''`` (the real
-default is in its description), so ``mlflow run`` passes untouched parameters as empty and they
-never hide the file's value, while any explicit ``-P name=value``, even the default, overrides it.
+an optional YAML file (``--config_file``, then its ``variant``), the run named by ``params_from`` (only the
+parameters its search searched, applied in pipelines/stages/contract.py), command-line flags and
+``--config k=v,...``. A flag given an empty value is *not given*: every MLproject parameter defaults to ``''``
+(the real default is in its description), so ``mlflow run`` passes untouched parameters as empty and they
+never hide the file's value, while any explicit ``-P name=value``, even the default, overrides it. Where each
+value came from is kept in ``settings_source`` (recorded in the run's ``config.json``, not in the fingerprint).
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
+import itertools
 import json
 import os
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,19 +56,55 @@ def setting(default: Any, help: str, *, result: bool = True, choices: tuple | No
     return field(default=default, metadata={"help": help, "result": result, "choices": choices, "task": tasks})
 
 
+SECRET_PARAM = re.compile(r"key|token|secret|passw|sig|auth|credential", re.IGNORECASE)  # query parameter names
+REDACTED = ("base_url",)  # URL settings that may carry credentials: recorded and fingerprinted without them
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials: its user-info (``https://user:key@host``) and the values of query parameters
+    named like a secret (``?api_key=...``) become ``***``. A URL without them is returned unchanged."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = f"***@{parts.netloc.rsplit('@', 1)[1]}" if "@" in parts.netloc else parts.netloc
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        if any(SECRET_PARAM.search(key) for key, _ in pairs):
+            query = "&".join(f"{key}={'***' if SECRET_PARAM.search(key) else value}" for key, value in pairs)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+@dataclass
 class Settings:
-    """Behaviour shared by every stage's settings: choice checks, fingerprint inputs, a plain dict."""
+    """Behaviour shared by every stage's settings: choice checks, fingerprint inputs, a plain dict, and where
+    each value came from (``settings_source``: per setting ``default``, ``config_file``, ``variant``,
+    ``params_from`` or ``explicit``; provenance only, never in the fingerprint)."""
+
+    settings_source: dict[str, str] = field(default_factory=dict, repr=False, compare=False, metadata={
+        "help": "", "result": False, "provenance": True})
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in settings_fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}")
+        # built in Python rather than parsed: a value other than the default was given
+        self.settings_source = {f.name: self.settings_source.get(f.name) or (
+            "default" if getattr(self, f.name) == f.default else "explicit") for f in settings_fields(self)}
+        if getattr(self, "rouge_tokenizer", "") == "morpheme" and importlib.util.find_spec("kiwipiepy") is None:
+            raise ConfigError("rouge_tokenizer=morpheme needs kiwipiepy, which is not installed: pip install "
+                              "'pipelines[korean]' (or pip install kiwipiepy), or pass rouge_tokenizer=whitespace or "
+                              "char")
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change results (the fingerprint's inputs, besides data and model digests)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+        return {f.name: self._redacted(f.name) for f in settings_fields(self)
                 if f.metadata["result"] and self.applies(f)}
+
+    def _redacted(self, name: str) -> Any:
+        value = getattr(self, name)
+        return redact_url(value) if name in REDACTED and value else value
 
     def applies(self, f: dataclasses.Field) -> bool:
         """Whether setting ``f`` belongs to this configuration's task (settings of no task always do)."""
@@ -71,23 +113,30 @@ class Settings:
 
     def refuse_other_task_settings(self) -> None:
         """A setting of another task would be silently ignored: refuse it, naming the task it belongs to."""
-        for f in dataclasses.fields(self):
+        for f in settings_fields(self):
             if not self.applies(f) and getattr(self, f.name) != f.default:
                 owners = " or ".join(f.metadata["task"])
                 raise ConfigError(f"{f.name} is a {owners} setting and does nothing with task={self.task}; remove "
                                   f"it, or pass task={f.metadata['task'][0]}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings by name (``settings_source`` left out: it says where they came from)."""
+        return {f.name: getattr(self, f.name) for f in settings_fields(self)}
 
     def to_record(self) -> dict[str, Any]:
-        """The settings as runs record them (params, ``config.json``): a database URL's password removed."""
+        """The settings as runs record them (params, ``config.json``): a database URL's password and a URL's
+        credentials removed."""
         from pipelines.study import redact
 
-        record = self.to_dict()
+        record = {name: self._redacted(name) for name in self.to_dict()}
         if record.get("optuna_storage"):
             record["optuna_storage"] = redact(record["optuna_storage"])
         return record
+
+
+def settings_fields(settings: Settings | type[Settings]) -> list[dataclasses.Field]:
+    """The settings of a configuration (its dataclass fields, ``settings_source`` excepted)."""
+    return [f for f in dataclasses.fields(settings) if not f.metadata.get("provenance")]
 
 
 @dataclass
@@ -195,6 +244,9 @@ class StageConfig(Coordinated):
                                  task="classification")
     # ---- mlm (masked-LM): pipelines/tasks/mlm.py
     mlm_probability: float = setting(0.15, "Share of tokens masked for the masked-LM objective.", task="mlm")
+    eval_mlm_probability: float = setting(0.15, "Share of tokens masked in the validation rows (masked once, by "
+                                          "`seed`): the same yardstick for every mlm_probability, so eval losses "
+                                          "compare across runs and trials.", task="mlm")
     whole_word_mask: bool = setting(False, "Mask whole words (runs of text between spaces: Korean eojeols) instead "
                                     "of single tokens; needs a fast tokenizer.", task="mlm")
     augment_from: str = setting("", "Run id of an augment run: each training set gets the augmentations of its own "
@@ -242,10 +294,20 @@ class StageConfig(Coordinated):
         if self.task == "summarization" and (self.min_new_tokens < 0 or self.no_repeat_ngram_size < 0):
             raise ConfigError("min_new_tokens and no_repeat_ngram_size must be zero or positive")
         if self.task == "summarization" and self.min_new_tokens > self.max_new_tokens:
-            raise ConfigError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}")
-        if self.task == "mlm" and not 0.0 < self.mlm_probability < 1.0:
-            raise ConfigError(f"mlm_probability={self.mlm_probability} must be in (0, 1), e.g. 0.15")
+            raise ConfigError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}: "
+                              "lower min_new_tokens or raise max_new_tokens")
+        for name in ("mlm_probability", "eval_mlm_probability"):
+            if self.task == "mlm" and not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in (0, 1), e.g. 0.15")
         self._check_techniques()
+
+    def result_settings(self) -> dict[str, Any]:
+        """Without ``eval_mlm_probability`` where it equals ``mlm_probability``: validation rows were masked with
+        ``mlm_probability`` before the setting existed, so masked-LM runs of then keep their fingerprint."""
+        settings = super().result_settings()
+        if settings.get("eval_mlm_probability") == self.mlm_probability:
+            del settings["eval_mlm_probability"]
+        return settings
 
     def _check_techniques(self) -> None:
         if self.ema_decay and not 0.0 < self.ema_decay < 1.0:
@@ -382,8 +444,9 @@ def _parse_overrides(text: str) -> dict[str, str]:
 
 
 def parse_config(cls: type[Settings], argv: list[str] | None = None) -> Settings:
-    """Parse command-line arguments into ``cls``; every field is a ``--name`` flag."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    """Parse command-line arguments into ``cls``; every setting is a ``--name`` flag. Each value's origin is
+    recorded in ``settings_source``: a flag or ``--config`` entry is ``explicit`` even when it equals the default."""
+    fields = {f.name: f for f in settings_fields(cls)}
     parser = argparse.ArgumentParser(description=cls.__doc__)
     for f in fields.values():
         choices = f.metadata.get("choices")
@@ -394,27 +457,31 @@ def parse_config(cls: type[Settings], argv: list[str] | None = None) -> Settings
     args = vars(parser.parse_args(argv))
     config_file, overrides = args.pop("config_file"), _parse_overrides(args.pop("config"))
 
-    values: dict[str, Any] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []  # (source, values), lowest precedence first
     variant = overrides.get("variant") or args.get("variant") or ""
     if config_file:
-        values.update(_load_yaml(Path(config_file), fields, variant))
+        top, chosen = _load_yaml(Path(config_file), fields, variant)
+        layers += [("config_file", top), ("variant", chosen)]
     elif variant:
         raise ConfigError(f"variant={variant!r} names a variant of config_file, but no config_file was given; pass "
                           "config_file=<YAML with a `variants:` mapping>")
-    for name, raw in args.items():
-        if raw is None or raw == "":  # not given (MLproject parameters default to '')
-            continue
-        values[name] = raw
-    for name, raw in overrides.items():
+    for name in overrides:
         if name not in fields:
             raise ConfigError(f"--config names unknown setting {name!r}; known: {', '.join(fields)}")
-        values[name] = raw
+    given = {name: raw for name, raw in args.items() if raw is not None and raw != ""}  # '': not given (MLproject)
+    layers.append(("explicit", {**given, **overrides}))
+    values: dict[str, Any] = {}
+    sources = dict.fromkeys(fields, "default")
+    for source, layer in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
     converted = {name: convert_value(name, raw, fields[name].default) for name, raw in values.items()}
-    return cls(**converted)
+    return cls(**converted, settings_source=sources)
 
 
-def _load_yaml(path: Path, fields: dict[str, dataclasses.Field], variant: str = "") -> dict[str, Any]:
-    """The file's top-level settings, with those of ``variants[variant]`` over them."""
+def _load_yaml(path: Path, fields: dict[str, dataclasses.Field], variant: str = ""
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The file's top-level settings, and those of ``variants[variant]`` (applied over them)."""
     if not path.is_file():
         raise ConfigError(f"config_file {path} does not exist; pass the path of a YAML mapping of settings")
     try:
@@ -433,11 +500,11 @@ def _load_yaml(path: Path, fields: dict[str, dataclasses.Field], variant: str = 
         if variant not in variants:
             raise ConfigError(f"variant={variant!r} is not in config_file {path}; its variants are "
                               f"{', '.join(map(str, variants)) or 'none'}")
-        loaded.update(variants[variant])
-    unknown = sorted(set(loaded) - set(fields))
+    chosen = variants[variant] if variant else {}
+    unknown = sorted((set(loaded) | set(chosen)) - set(fields))
     if unknown:
         raise ConfigError(f"config_file {path} names unknown settings {unknown}; known: {', '.join(fields)}")
-    return loaded
+    return loaded, chosen
 
 
 TUNABLE = ("learning_rate", "weight_decay", "batch_size", "gradient_accumulation_steps", "warmup_ratio", "epochs",
@@ -495,10 +562,34 @@ class OptunaConfig(KFoldConfig, TrainConfig):
             ignored.add("label_smoothing")
         return tuple(name for name in TUNABLE if self.applies(fields[name]) and name not in ignored)
 
+    def refuse_failing_trials(self, space: dict[str, Any]) -> None:
+        """Refuse a search space (name -> Optuna distribution) in which some trial's settings would be refused
+        (e.g. min_new_tokens above max_new_tokens), before any run exists. The checks compare at most two settings,
+        each monotonically: so every pair of searched settings is tried at its extremes (low and high, the
+        smallest and largest numeric choice, or every other choice) with the fixed settings."""
+        ends = {name: _extremes(dist) for name, dist in space.items()}
+        pairs = [*itertools.combinations(ends, 1), *itertools.combinations(ends, 2)]  # singles first: the clearer
+        for trial in (dict(zip(pair, corner)) for pair in pairs for corner in itertools.product(*map(ends.get, pair))):
+            try:
+                dataclasses.replace(self, **trial)
+            except ConfigError as exc:
+                raise ConfigError(f"search_space allows trials that would fail ({exc}), e.g. "
+                                  f"{', '.join(f'{k}={v}' for k, v in trial.items())}: narrow its ranges or change "
+                                  "the fixed settings") from None
+
     def optimization_direction(self) -> str:
         if self.direction != "auto":
             return self.direction
         return "maximize" if self.greater_is_better() else "minimize"
+
+
+def _extremes(dist: Any) -> list:
+    """The values of a search-space distribution at which a monotone check can fail."""
+    choices = getattr(dist, "choices", None)
+    if choices is None:
+        return list(dict.fromkeys((dist.low, dist.high)))
+    numbers = [c for c in choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+    return list(dict.fromkeys([min(numbers), max(numbers)] if len(numbers) == len(choices) else choices))
 
 
 @dataclass
@@ -640,6 +731,12 @@ class PredictConfig(Coordinated):
             raise ConfigError("model_uri is empty; pass model_uri=models:/<name>@<alias>, runs:/... or a folder")
         if self.shard_size <= 0 or self.eval_batch_size <= 0:
             raise ConfigError("shard_size and eval_batch_size must be positive")
+        self._check_lengths()
+
+    def _check_lengths(self) -> None:
+        if self.min_new_tokens and self.max_new_tokens and self.min_new_tokens > self.max_new_tokens:
+            raise ConfigError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens={self.max_new_tokens}: "
+                              "lower min_new_tokens or raise max_new_tokens")
 
 
 @dataclass
@@ -667,6 +764,7 @@ class ValidateConfig(PredictConfig):
                               "predictions to score>")
         if self.shard_size <= 0 or self.eval_batch_size <= 0 or self.worst_examples < 0:
             raise ConfigError("shard_size and eval_batch_size must be positive, worst_examples zero or positive")
+        self._check_lengths()
         self.refuse_other_task_settings()
 
 
@@ -744,6 +842,13 @@ class CorrectConfig(LLMSettings, BatchConfig):
         super().__post_init__()
         if not self.predictions_from:
             raise ConfigError("predictions_from is empty: pass the run id whose summaries to correct")
+        from pipelines.llm import load_template, template_fields  # pipelines.llm imports this module
+
+        unknown = sorted(set(template_fields(load_template(self.correction_prompt), "correction_prompt"))
+                         - {"text", "summary"})
+        if unknown:
+            raise ConfigError(f"correction_prompt names {{{'}, {'.join(unknown)}}}, which it cannot fill: it knows "
+                              "{text} (the source) and {summary} (the summary to correct); fix the template")
         if self.correction_strategy == "llm":
             self.check_llm()
         elif not self.models():

@@ -15,11 +15,13 @@ from pipelines.config import UserError
 
 logger = logging.getLogger(__name__)
 
+# user data: cells as written (CSV: every cell a string, "01" stays "01"; JSON: no type guessing), and "NA", "None",
+# "null", "N/A" are text (a label may be spelled so); read_table then makes an empty cell missing in every format
 READERS = {
-    ".csv": lambda p: pd.read_csv(p, encoding="utf-8", keep_default_na=False, na_values=[""]),
-    ".tsv": lambda p: pd.read_csv(p, sep="\t", encoding="utf-8", keep_default_na=False, na_values=[""]),
-    ".jsonl": lambda p: pd.read_json(p, lines=True, encoding="utf-8"),
-    ".json": lambda p: pd.read_json(p, encoding="utf-8"),
+    ".csv": lambda p: pd.read_csv(p, encoding="utf-8", dtype=str, keep_default_na=False, na_values=[""]),
+    ".tsv": lambda p: pd.read_csv(p, sep="\t", encoding="utf-8", dtype=str, keep_default_na=False, na_values=[""]),
+    ".jsonl": lambda p: pd.read_json(p, lines=True, encoding="utf-8", dtype=False),
+    ".json": lambda p: pd.read_json(p, encoding="utf-8", dtype=False),
     ".parquet": pd.read_parquet,
 }
 
@@ -90,7 +92,30 @@ def read_table(path: str) -> pd.DataFrame:
         raise DataError(f"data file {path} could not be parsed as {file.suffix}: {exc}") from None
     if frame.empty:
         raise DataError(f"data file {path} has no rows")
+    return _blank_as_missing(frame)
+
+
+def _blank_as_missing(frame: pd.DataFrame) -> pd.DataFrame:
+    """One meaning of an empty cell, whatever the format: an empty or all-whitespace string is missing, like a JSON
+    null or an empty CSV cell; any other text (``NA``, ``None``, ``null``, ``N/A``) is a value."""
+    for column in frame.columns:
+        values = frame[column]
+        if pd.api.types.is_object_dtype(values) or pd.api.types.is_string_dtype(values):
+            frame[column] = values.mask(values.map(lambda v: isinstance(v, str) and not v.strip()).astype(bool))
     return frame
+
+
+def read_artifact_csv(path: str | Path, text_columns: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """A CSV this project wrote (predictions, shards, scores, ledgers), read back as it was written.
+
+    No cell is read as missing: an empty cell is ``""`` and ``NA``, ``None``, ``null``, ``N/A`` stay the text they
+    are (a label may be spelled so). ``text_columns`` (None: every column) are strings, verbatim (``01`` stays
+    ``01``); the others are typed by pandas (a column of numbers with an empty cell comes back as text, which fails
+    loudly where numbers are expected). Every stage reads its artifacts with this, so a result restored on resume
+    is the result a run that never stopped would have.
+    """
+    dtype = str if text_columns is None else dict.fromkeys(text_columns, str)
+    return pd.read_csv(path, dtype=dtype, keep_default_na=False)
 
 
 def _stratified_sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:

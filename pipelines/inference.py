@@ -60,10 +60,30 @@ def load_summarizer_member(path: str | Path, max_length: int) -> Summarizer:
 
 
 def summarize_all(members: list[Summarizer], texts: list[str], batch_size: int, rouge_tokenizer: str) -> tuple:
-    """Each member's summary of each text, then per text the minimum-Bayes-risk choice: (summaries, chosen)."""
+    """Each member's summary of each text, then per text the minimum-Bayes-risk choice (ties: the summary agreeing
+    most with the text, then the member most confident of its own summary): (summaries, chosen)."""
     from pipelines.mbr import mbr_choice
     from pipelines.tasks.summarization import generate
 
     outputs = [generate(m.network, m.tokenizer, texts, m.config, batch_size, m.max_length) for m in members]
-    chosen = [mbr_choice([out[i] for out in outputs], rouge_tokenizer) for i in range(len(texts))]
+    chosen = []
+    for i, text in enumerate(texts):
+        summaries = [out[i] for out in outputs]
+        chosen.append(mbr_choice(summaries, rouge_tokenizer, source=text,
+                                 scores=lambda text=text, summaries=summaries: own_scores(members, text, summaries),
+                                 setting=f"the summary ensemble's vote on input row {i}"))
     return [outputs[c][i] for i, c in enumerate(chosen)], chosen
+
+
+@torch.no_grad()
+def own_scores(members: list[Summarizer], text: str, summaries: list[str]) -> list[float]:
+    """Each member's mean log-probability per token of its own summary of ``text`` (labels as in training: without
+    a leading decoder start token): its confidence, the last tie-break of the summary vote."""
+    scores = []
+    for member, summary in zip(members, summaries):
+        batch = member.tokenizer([text], truncation=True, max_length=member.max_length, return_tensors="pt")
+        ids = member.tokenizer(text_target=[summary])["input_ids"][0]
+        start = member.network.config.decoder_start_token_id
+        labels = torch.tensor([ids[1:] if len(ids) > 1 and ids[0] == start else ids])
+        scores.append(-float(member.network(**batch, labels=labels).loss))
+    return scores

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 import string
 import threading
 import time
@@ -32,7 +33,7 @@ from sqlalchemy import Column, MetaData, String, Table, Text, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipelines import faults
-from pipelines.config import ConfigError, LLMSettings
+from pipelines.config import ConfigError, LLMSettings, redact_url
 from pipelines.leases import create_table, make_engine
 
 logger = logging.getLogger(__name__)
@@ -96,11 +97,27 @@ def api_key(env: str) -> str:
 # ---------------------------------------------------------------- rate limits
 
 
+_WIDE = re.compile("[\u1100-\u11ff\u2e80-\u2fdf\u3040-\u30ff\u3130-\u318f\u3400-\u4dbf\u4e00-\u9fff"
+                   "\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\uff00-\uffef\U00020000-\U0003ffff]")
+_LATIN = re.compile(r"[A-Za-z\s]")
+_ASCII_OTHER = re.compile(r"[\x21-\x40\x5b-\x60\x7b-\x7e]")  # ASCII digits and punctuation
+MESSAGE_TOKENS = 4  # a chat message's role and separators; 3 more prime the answer
+
+
+def estimate_tokens(text: str) -> float:
+    """A conservative (high) estimate of the tokens of ``text`` by script, for the tokenizer of any provider:
+    Hangul, CJK and kana 1.5 a character (BPE vocabularies give them 0.5 to 2), other non-ASCII characters 1,
+    ASCII digits and punctuation 1/2, Latin letters and white space 1/4 (English averages 4+ characters a token)."""
+    wide, latin, ascii_other = (len(pattern.findall(text)) for pattern in (_WIDE, _LATIN, _ASCII_OTHER))
+    return 1.5 * wide + latin / 4 + ascii_other / 2 + (len(text) - wide - latin - ascii_other)
+
+
 class RateLimiter:
     """At most ``requests_per_minute`` requests and ``tokens_per_minute`` tokens in any 60 s window (0: no limit).
 
-    A request is counted with its estimated tokens when it starts (prompt characters / 3 + max_tokens, an
-    over-estimate for most tokenizers) and corrected to the usage the server reports once it returns.
+    A request is counted with its estimated tokens when it starts (:meth:`estimate`: its prompt by script, scaled
+    by the usage the server reported so far, plus ``max_tokens``) and corrected to the usage the server reports
+    once it returns; each report also refines the scale, so the budget converges to the provider's tokenizer.
     """
 
     WINDOW = 60.0
@@ -110,6 +127,16 @@ class RateLimiter:
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
         self._sent: deque[list] = deque()  # [time, tokens] of requests in the window
         self._lock = threading.Lock()
+        self._prompts = [0.0, 0]  # prompt tokens estimated, and reported by the server, over the answered requests
+
+    def estimate(self, request: dict) -> tuple[int, float]:
+        """Tokens to reserve for ``request`` (its prompt estimate scaled by reported/estimated prompt tokens so
+        far, plus ``max_tokens``), and its unscaled prompt estimate, for :meth:`settle`."""
+        prompt = 3 + sum(MESSAGE_TOKENS + estimate_tokens(m["content"]) for m in request["messages"])
+        with self._lock:
+            estimated, reported = self._prompts
+        scale = reported / estimated if estimated and reported else 1.0
+        return math.ceil(prompt * scale) + request["max_tokens"], prompt
 
     def acquire(self, tokens: int, stop: threading.Event | None = None) -> list | None:
         """Block until the request fits the limits; returns its entry, to :meth:`settle` with the real usage
@@ -140,9 +167,13 @@ class RateLimiter:
                 waits.append(started + self.WINDOW * (1 + self.MARGIN) - now)
         return max(waits)
 
-    def settle(self, entry: list, tokens: int) -> None:
+    def settle(self, entry: list, tokens: int, prompt_estimate: float = 0.0, prompt_tokens: int = 0) -> None:
+        """Count the request with the ``tokens`` it used; learn the scale from its prompt's estimate and usage."""
         with self._lock:
             entry[1] = tokens
+            if prompt_estimate > 0 and prompt_tokens > 0:
+                self._prompts[0] += prompt_estimate
+                self._prompts[1] += prompt_tokens
 
 
 # ---------------------------------------------------------------- the ledger
@@ -152,7 +183,9 @@ class Ledger:
     """Outcomes of finished requests of one ``scope`` (a stage's parent run), durable in the state database.
 
     :meth:`record` buffers; a daemon thread writes the buffer every ``flush_seconds`` (0: every record at once),
-    and :meth:`flush` / :meth:`close` write what is left.
+    and :meth:`flush` / :meth:`close` write what is left. :meth:`lookup` and :meth:`flush` exclude each other: a
+    flush takes rows out of the buffer before they are in the database, and a lookup between the two would miss
+    them (and pay for them again).
     """
 
     def __init__(self, url: str, scope: str, flush_seconds: float):
@@ -161,21 +194,23 @@ class Ledger:
         self.scope, self.flush_seconds = scope, flush_seconds
         self._buffer: dict[str, dict] = {}
         self._lock = threading.Lock()  # guards the buffer
-        self._flushing = threading.Lock()  # one flush at a time: close() waits for a running one
+        self._flushing = threading.Lock()  # one flush (or lookup) at a time: close() waits for a running one
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._flush_loop, name="llm-ledger", daemon=True)
         if flush_seconds > 0:
             self._thread.start()
 
     def lookup(self, keys: list[str]) -> dict[str, dict]:
+        """The recorded outcomes of ``keys``: written or still buffered (never in between, mid-flush)."""
         found: dict[str, dict] = {}
-        with self.engine.connect() as conn:
+        with self._flushing, self.engine.connect() as conn:
             for i in range(0, len(keys), 500):
                 query = select(_ledger.c.key, _ledger.c.outcome).where(
                     _ledger.c.scope == self.scope, _ledger.c.key.in_(keys[i:i + 500]))
                 found.update({key: json.loads(outcome) for key, outcome in conn.execute(query)})
-        with self._lock:
-            found.update({key: outcome for key, outcome in self._buffer.items() if key in keys})
+            with self._lock:
+                wanted = set(keys)
+                found.update({key: outcome for key, outcome in self._buffer.items() if key in wanted})
         return found
 
     def record(self, key: str, outcome: dict) -> None:
@@ -268,7 +303,7 @@ class Client:
         return pd.DataFrame([known[k] for k in keys], columns=list(COLUMNS))
 
     def _send(self, key: str, request: dict) -> dict:
-        estimate = sum(len(m["content"]) for m in request["messages"]) // 3 + request["max_tokens"]
+        estimate, prompt_estimate = self._limiter.estimate(request)
         retries = 0
         while True:
             slot = self._limiter.acquire(estimate, self._stopping)
@@ -280,8 +315,8 @@ class Client:
                 answer = reply.choices[0].message.content or ""
             except Exception as exc:  # noqa: BLE001 - recorded per request; the run goes on
                 if isinstance(exc, FATAL) or getattr(exc, "code", None) == "insufficient_quota":
-                    raise ConfigError(f"{self.cfg.base_url} refused the request ({self._describe(exc)}): check "
-                                      f"api_key_env, the account's quota, base_url and llm_model="
+                    raise ConfigError(f"{redact_url(self.cfg.base_url)} refused the request ({self._describe(exc)}): "
+                                      f"check api_key_env, the account's quota, base_url and llm_model="
                                       f"{self.cfg.llm_model}") from None
                 if not _retried(exc) or retries >= self.cfg.max_retries:
                     return self._record(key, _outcome(error=self._describe(exc), retries=retries))
@@ -290,7 +325,8 @@ class Client:
                     return {}
                 continue
             usage = reply.usage
-            self._limiter.settle(slot, usage.total_tokens if usage else estimate)
+            self._limiter.settle(slot, usage.total_tokens if usage else estimate, prompt_estimate,
+                                 usage.prompt_tokens if usage else 0)
             return self._record(key, _outcome(
                 response=answer, retries=retries, prompt_tokens=usage.prompt_tokens if usage else 0,
                 completion_tokens=usage.completion_tokens if usage else 0,
@@ -298,7 +334,7 @@ class Client:
 
     def _describe(self, exc: Exception) -> str:
         """The error in a line, with the API key masked (some gateways echo it)."""
-        return _describe(exc).replace(self._openai.api_key, "***")
+        return _describe(exc, self._openai.api_key)
 
     def _record(self, key: str, outcome: dict) -> dict:
         self.ledger.record(key, outcome)
@@ -319,10 +355,13 @@ def _retried(exc: Exception) -> bool:
     return isinstance(exc, openai.APIStatusError) and (status in RETRIED_STATUS or status >= 500)
 
 
-def _describe(exc: Exception) -> str:
+def _describe(exc: Exception, secret: str) -> str:
+    """The error in a line of at most 300 characters of its message, ``secret`` masked first (never half of it)."""
     status = getattr(exc, "status_code", None)
     text = f"{type(exc).__name__}" + (f" {status}" if status else "")
     message = getattr(exc, "message", "") or str(exc)
+    if secret:
+        message = message.replace(secret, "***")
     return f"{text}: {message.splitlines()[0][:300]}" if message else text
 
 

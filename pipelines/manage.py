@@ -1,7 +1,8 @@
 """``pipelines``: manage the stage runs of a tracking store (MLFLOW_TRACKING_URI, or the embedded default).
 
     pipelines runs [--experiment E] [--stage S] [--status S]       one line per stage (parent) run, with progress
-    pipelines compare RUN_OR_EXPERIMENT... [--csv F] [--html F]    the params that differ, main metrics side by side
+    pipelines compare RUN_OR_EXPERIMENT... [--csv F] [--html F]    the params that differ (and where they came
+                                                                    from), main metrics side by side
     pipelines cleanup [--experiment E] [--older-than 7d] [--keep-best K --metric M] [--checkpoints-only] [--dry-run]
     pipelines archive RUN_ID --to FILE.tar.gz [--with-checkpoints]  a run with its child runs, to one file
     pipelines restore FILE.tar.gz [--experiment NAME]              ... recreated in the current store
@@ -35,7 +36,7 @@ import pandas as pd
 from pipelines.checkpoints import EPOCH_TAG
 from pipelines.checkpoints import ROOT as CHECKPOINTS
 from pipelines.checkpoints import TAG as CHECKPOINT_TAG
-from pipelines.config import ConfigError, NotFound, UserError
+from pipelines.config import ConfigError, NotFound, UserError, task_metrics
 from pipelines.leases import TABLE as LEASE_TABLE
 from pipelines.leases import LeaseStore, make_engine, owner_alive
 from pipelines.tracking import WORKER_TAG, state_storage
@@ -50,9 +51,13 @@ UNITS = {"kfold": ("fold", "k_folds"), "optuna": ("trial", "n_trials")}  # stage
 SINGLE_UNIT = ("train", "retrain", "tapt")  # the parent run is the one unit: progress in epochs
 SHARDS = "shards"  # pipelines/shards.py: shards/shard-<i>.json marks shard i done
 NOT_COMPARED = ("fingerprint",)  # a hash of the differing settings, which are listed themselves
+CONFIG_ARTIFACT = "config.json"  # a stage run's resolved settings and their `settings_source` (stages/contract.py)
 SUMMARY_METRIC = re.compile(r"^(cv_.+_(mean|std)|best_value|ensemble_.+|final_.+)$")
 LOWER_IS_BETTER = ("loss", "perplexity", "error", "cost", "latency", "failures", "_std")
 RESTORED_TAG = "restored_from_run_id"
+LINEAGE = (("tag", "init_from"), ("tag", "model_source_run_id"), ("tag", "params_source"), ("param", "model"),
+           ("param", "init_from"))  # where a run names the run it was initialised from (its weights, its params)
+RUN_REFERENCE = re.compile(r"^(?:runs:/)?([0-9a-f]{32})(?:/|$)")
 ARCHIVE_FORMAT = "pipelines-archive/1"
 ARCHIVE_INDEX = "archive.json"
 
@@ -151,9 +156,8 @@ class Liveness:
         store = self._store(url)
         if store is None:
             return []
-        now = time.time()
-        return [info.owner for info in store.holders(scope)
-                if now - info.heartbeat <= grace and owner_alive(info.owner) is not False]
+        # each row by its own grace period and the database's clock; ``grace`` only for rows of an older version
+        return [info.owner for info in store.holders(scope, legacy_grace=grace) if info.alive]
 
     def _store(self, url: str) -> LeaseStore | None:
         if url not in self._stores:
@@ -332,16 +336,35 @@ def resolve_runs(store: AdminStore, names: list[str]) -> list[RunRecord]:
     return runs
 
 
-def compare_frame(runs: list[RunRecord]) -> pd.DataFrame:
-    """One row per run: experiment, stage, status, the params whose values differ, the main metrics."""
+def compare_frame(runs: list[RunRecord], sources: dict[str, dict[str, str]] | None = None) -> pd.DataFrame:
+    """One row per run: experiment, stage, status, the params whose values differ, where each of those (and any
+    setting whose origin differs) came from (``source.<name>``: default, config_file, variant, params_from,
+    explicit; from ``sources``, run id -> ``settings_source``), the main metrics."""
+    sources = sources or {}
     params = sorted({k for r in runs for k in r.params} - set(NOT_COMPARED))
     differing = [k for k in params if len({r.params.get(k) for r in runs}) > 1]
+    origins = sorted({k for s in sources.values() for k in s})
+    traced = [k for k in origins if k in differing or len({sources.get(r.run_id, {}).get(k) for r in runs}) > 1]
     mains = [m[0] for m in map(main_metric, runs) if m]
     metrics = list(dict.fromkeys([*mains, *sorted({k for r in runs for k in r.metrics if SUMMARY_METRIC.match(k)})]))
     rows = {r.run_id: {"experiment": r.experiment, "stage": r.stage or "-", "status": r.status,
                        **{f"params.{k}": r.params.get(k) for k in differing},
+                       **{f"source.{k}": sources.get(r.run_id, {}).get(k) for k in traced},
                        **{f"metrics.{k}": r.metrics.get(k) for k in metrics}} for r in runs}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("run_id")
+
+
+def settings_sources(store: AdminStore, runs: list[RunRecord]) -> dict[str, dict[str, str]]:
+    """Run id -> where each of its settings came from (``settings_source`` of its ``config.json``), for the stage
+    runs that recorded it (runs of older versions did not: they have none)."""
+    found = {}
+    with tempfile.TemporaryDirectory(prefix="pipelines-compare-") as tmp:
+        for run in runs:
+            if run.stage and CONFIG_ARTIFACT in store.top_level(run.run_id):
+                store.download(run.run_id, CONFIG_ARTIFACT, Path(tmp, run.run_id))
+                record = json.loads(Path(tmp, run.run_id, CONFIG_ARTIFACT).read_text(encoding="utf-8"))
+                found[run.run_id] = record.get("settings_source", {})
+    return found
 
 
 def _cell(value) -> str:
@@ -364,7 +387,7 @@ def cmd_compare(args: argparse.Namespace, store: AdminStore, out: TextIO) -> Non
     runs = resolve_runs(store, args.runs)
     if not runs:
         raise NotFound(f"nothing to compare: {', '.join(args.runs)} hold no stage runs")
-    frame = compare_frame(runs)
+    frame = compare_frame(runs, settings_sources(store, runs))
     shown = frame.map(_cell).T
     shown.columns = [run_id[:8] for run_id in frame.index]
     if not any(c.startswith("params.") for c in frame.columns):
@@ -415,12 +438,18 @@ class Cleanup:
     liveness: Liveness
     sources: dict[str, str]  # run id -> registered model version made from it
     older_than: float  # seconds; 0: any age
+    lineage: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # run id -> (run using it, how)
 
     def protected(self, runs: list[RunRecord]) -> str:
         """Why none of ``runs`` (a stage run and its descendants) may be deleted; '' when they may."""
+        family = {run.run_id for run in runs}
         for run in runs:
             if run.run_id in self.sources:
                 return f"run {run.run_id} is the source of registered model {self.sources[run.run_id]}"
+            users = [(user, how) for user, how in self.lineage.get(run.run_id, []) if user not in family]
+            if users:
+                more = f" (and {len(users) - 1} more runs)" if len(users) > 1 else ""
+                return f"run {run.run_id} is where run {users[0][0]} started from ({users[0][1]}){more}"
         for run in runs:
             holder = self.liveness.holder(run)
             if holder:
@@ -435,14 +464,13 @@ class Cleanup:
 
 def plan_deletions(cleanup: Cleanup, runs: list[RunRecord], metric: str, keep: int, direction: str) -> list[Step]:
     """The stage runs of each experiment beyond the best ``keep`` by ``metric`` (runs without it are kept)."""
-    lower = direction == "min" or (direction == "auto" and any(s in metric for s in LOWER_IS_BETTER))
     groups: dict[str, list[RunRecord]] = defaultdict(list)
     for run in runs:
         if run.stage and not run.parent_id and metric in run.metrics:
             groups[run.experiment_id].append(run)
     steps = []
     for group in groups.values():
-        ranked = sorted(group, key=lambda r: r.metrics[metric], reverse=not lower)
+        ranked = sorted(group, key=lambda r: r.metrics[metric], reverse=not lower_is_better(metric, direction, group))
         for rank, run in enumerate(ranked[keep:], start=keep + 1):
             family = [run, *cleanup.tree.descendants(run)]
             label = f"{metric}={run.metrics[metric]:.4g}, rank {rank}/{len(ranked)}"
@@ -454,6 +482,48 @@ def plan_deletions(cleanup: Cleanup, runs: list[RunRecord], metric: str, keep: i
             steps.append(Step(DELETE_RUNS, run, f"{label}, with {len(family) - 1} child runs",
                               [r.run_id for r in family], len(files), sum(f.size for f in files)))
     return steps
+
+
+def lower_is_better(metric: str, direction: str, group: list[RunRecord]) -> bool:
+    """``--direction`` for ranking ``group`` by ``metric``; ``auto``: for ``best_value``, the direction the searches
+    recorded (refused where they differ), else lower for losses, errors, costs."""
+    if direction != "auto":
+        return direction == "min"
+    if metric != "best_value":
+        return any(s in metric for s in LOWER_IS_BETTER)
+    directions = {run.run_id: search_direction(run) for run in group}
+    if len(set(directions.values())) > 1:
+        listed = ", ".join(f"{run_id} {way}s" for run_id, way in directions.items())
+        raise ConfigError(f"--metric best_value --direction auto: the searches of experiment {group[0].experiment} "
+                          f"optimize in different directions ({listed}); their best values cannot be ranked together: "
+                          "clean them with --direction max or min if you mean it, or rank by another metric")
+    return next(iter(directions.values())) == "minimize"
+
+
+def search_direction(run: RunRecord) -> str:
+    """``maximize`` or ``minimize``: the direction an optuna run recorded (its ``direction``, or its ``metric``'s
+    own for ``auto``)."""
+    params = run.params
+    if params.get("direction") in ("maximize", "minimize"):
+        return params["direction"]
+    greater = task_metrics(params["task"]).get(params.get("metric", "")) if "task" in params else None
+    if greater is None:
+        raise ConfigError(f"--direction auto: run {run.run_id} records no direction, task and metric to rank its "
+                          f"best_value by (direction={params.get('direction')!r}, task={params.get('task')!r}, "
+                          f"metric={params.get('metric')!r}); pass --direction max or min")
+    return "maximize" if greater else "minimize"
+
+
+def lineage(runs: Iterable[RunRecord]) -> dict[str, list[tuple[str, str]]]:
+    """Run id -> (run, how) for each run that names it as where it started from (``LINEAGE``: a run id or
+    ``runs:/<run id>/...``): deleting it would break that run's lineage, and its resumes that fetch it again."""
+    used: dict[str, dict[str, str]] = defaultdict(dict)
+    for run in runs:
+        for kind, key in LINEAGE:
+            match = RUN_REFERENCE.match((run.tags if kind == "tag" else run.params).get(key, ""))
+            if match and match.group(1) != run.run_id:
+                used[match.group(1)].setdefault(run.run_id, f"{kind} {key}")
+    return {run_id: list(users.items()) for run_id, users in used.items()}
 
 
 def plan_checkpoints(cleanup: Cleanup, runs: list[RunRecord]) -> list[Step]:
@@ -487,8 +557,9 @@ def cmd_cleanup(args: argparse.Namespace, store: AdminStore, out: TextIO) -> Non
     _check_cleanup_args(args)
     runs = _scope(store, args.experiment)
     tree = Tree(runs, store.run)
+    users = lineage(_scope(store, None) if args.experiment else runs)  # runs of any experiment may start from these
     cleanup = Cleanup(store, tree, Liveness(tree, args.optuna_storage), store.model_sources(),
-                      parse_age(args.older_than) if args.older_than else 0.0)
+                      parse_age(args.older_than) if args.older_than else 0.0, users)
     try:
         steps = plan_deletions(cleanup, runs, args.metric, args.keep_best, args.direction) if args.keep_best else []
         doomed = {run_id for step in steps for run_id in step.run_ids}
@@ -646,7 +717,8 @@ def parser() -> argparse.ArgumentParser:
                          "the best K by --metric (with their child runs), for good")
     cleanup.add_argument("--metric", help="metric ranking the stage runs, e.g. cv_f1_macro_mean, best_value")
     cleanup.add_argument("--direction", choices=("auto", "max", "min"), default="auto",
-                         help="whether greater --metric is better (auto: lower for loss, perplexity, error, cost)")
+                         help="whether greater --metric is better (auto: best_value as each search recorded it; "
+                         "otherwise lower for loss, perplexity, error, cost)")
     cleanup.add_argument("--checkpoints-only", action="store_true", help="delete checkpoints only, never runs")
     cleanup.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     archive = sub.add_parser("archive", help="write a run with its child runs to a .tar.gz")
@@ -675,7 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     top = parser()
     args = top.parse_args(argv)
     try:
-        COMMANDS[args.command](args, AdminStore(), sys.stdout)
+        COMMANDS[args.command](args, AdminStore(create=args.command == "restore"), sys.stdout)
     except UserError as exc:
         top.exit(2, f"pipelines {args.command}: error: {exc}\n")
     except BrokenPipeError:  # the reader stopped early (`pipelines runs | head`): not an error of ours

@@ -9,13 +9,18 @@ target and the prediction and counts the returned tokens exactly (no further low
 
 Tokenizers (the ``rouge_tokenizer`` setting):
 
-* ``whitespace``: ``text.lower().split()``; for Korean these are eojeol (word + attached particles/endings),
+* ``whitespace``: the words of ``text.lower()``; for Korean these are eojeol (word + attached particles/endings),
   so "요약했습니다" and "요약합니다" share nothing.
-* ``char``: every non-whitespace character of ``text.lower()``, one token each (bigrams span word boundaries).
+* ``char``: every word character of ``text.lower()``, one token each (bigrams span word boundaries).
 * ``morpheme``: Korean morphemes from kiwipiepy (``Kiwi().tokenize``, token forms, lowercased): particles and
   endings become their own tokens, so inflected forms of one word match.  Needs the ``korean`` extra.
 * ``default``: ``rouge_score``'s own tokenizer, English only (see above); :func:`check_tokenizer` refuses it
   for text that is mostly not Latin.
+
+Punctuation and symbols (any character of Unicode category P* or S*: ``. , ! ? “ ” 「 」 … ~ % $ ₩``) separate words
+and are never tokens, in every tokenizer: "요청했다." is the word "요청했다", and "state-of-the-art" four words.  This
+is what ``rouge_score`` does for English (it keeps only runs of ``[a-z0-9]``), so on ASCII text ``whitespace`` and
+``default`` give the same tokens and scores.
 """
 
 from __future__ import annotations
@@ -61,16 +66,26 @@ def _kiwi() -> Any:
     return _KIWI
 
 
+@functools.lru_cache(maxsize=65536)
+def _separates(char: str) -> bool:
+    """Whitespace, punctuation (Unicode P*) and symbols (S*) separate words and are never counted."""
+    return char.isspace() or unicodedata.category(char)[0] in "PS"
+
+
+def _words(text: str) -> list[str]:
+    return "".join(" " if _separates(c) else c for c in text).split()
+
+
 def tokenize(text: str, tokenizer: str) -> list[str]:
     """The tokens ROUGE counts for ``text`` under ``tokenizer`` (one of :data:`TOKENIZERS`)."""
     _check_name(tokenizer)
     text = unicodedata.normalize("NFC", text)  # Hangul typed as jamo (NFD, e.g. from macOS) equals its syllables
     if tokenizer == "whitespace":
-        return text.lower().split()
+        return _words(text.lower())
     if tokenizer == "char":
-        return [c for c in text.lower() if not c.isspace()]
+        return [c for word in _words(text.lower()) for c in word]
     if tokenizer == "morpheme":
-        return [token.form.lower() for token in _kiwi().tokenize(text)] if text.strip() else []
+        return [w for token in _kiwi().tokenize(text) for w in _words(token.form.lower())] if text.strip() else []
     return rouge_tokenize.tokenize(text, None)
 
 

@@ -1,9 +1,9 @@
-"""The ensemble as one MLflow pyfunc model: member classifiers, vote weights, label map.
+"""The ensembles as MLflow pyfunc models: member classifiers, vote weights, label map; or member summarizers.
 
 (MLflow requires a pyfunc model class to subclass ``mlflow.pyfunc.PythonModel``: this is the one
 module besides tracking.py that imports mlflow.)  Members are loaded once in ``load_context``;
 ``predict`` takes a DataFrame with a string column ``text`` and returns one row per input with
-``label`` and ``prob_<class>`` columns.
+``label`` and ``prob_<class>`` columns (a summary ensemble: ``summary`` and the ``member`` chosen).
 """
 
 from __future__ import annotations
@@ -46,6 +46,22 @@ class SummaryEnsembleModel(mlflow.pyfunc.PythonModel):
         summaries, chosen = summarize_all(self.members, validate_texts(model_input), self.batch_size,
                                           self.rouge_tokenizer)
         return pd.DataFrame({"summary": summaries, "member": chosen})
+
+
+# the output columns each pyfunc model above records in its signature, and so the task it does
+OUTPUTS = {"classification": ("label",), "summarization": ("summary", "member")}
+
+
+def pyfunc_task(path: str | Path) -> str | None:
+    """The task of the pyfunc model saved in ``path``, read from the output columns its MLmodel signature records
+    (classification ensemble: ``label``, ``prob_<class>``...; summary ensemble: ``summary``, ``member``); None when
+    it records neither."""
+    from mlflow.models import Model
+
+    schema = Model.load(str(path)).get_output_schema()
+    names = set(schema.input_names()) if schema is not None and schema.has_input_names() else set()
+    tasks = [task for task, columns in OUTPUTS.items() if names.issuperset(columns)]
+    return tasks[0] if len(tasks) == 1 else None
 
 
 def validate_texts(model_input) -> list[str]:

@@ -2,7 +2,8 @@
 
 A stage's items (rows with a ``row_id``) are split into shards of ``size`` rows. Shard ``i`` is a unit:
 done under its lease (so several workers can share a stage), its output logged as
-``shards/shard-<i>.csv`` followed by ``shards/shard-<i>.json`` (row ids and the CSV's sha256). The manifest
+``shards/shard-<i>.csv`` followed by ``shards/shard-<i>.json`` (row ids, the CSV's sha256 and the epoch of
+the shard's lease, its fencing token: pipelines/leases.py). The manifest
 comes last, so a shard is done only once it exists and the CSV matches it: a copy torn by a kill is done
 again. A resumed run skips the done shards; the outputs are assembled in shard order, so the result is the
 same as an uninterrupted run's wherever the work itself is deterministic. Progress is logged to the parent
@@ -22,27 +23,29 @@ import pandas as pd
 
 from pipelines import faults
 from pipelines.data import DataError
+from pipelines.leases import Lease
 from pipelines.stages.common import share_units, upload_frame
 from pipelines.stages.contract import StageContext
 
 logger = logging.getLogger(__name__)
 
 FOLDER = "shards"
+ERROR, FAILURES = "error", "failures.csv"  # why a row's work failed ("" when it did not); the list of such rows
 Work = Callable[[pd.DataFrame], pd.DataFrame]  # a shard's items -> its output rows (any number, any columns)
 
 
 class Shards:
     """The shards of ``items`` in the parent run of ``ctx``.
 
-    ``accept(output)`` may refuse a done shard's output (e.g. ``retry_failed`` refuses one with failed rows):
-    the shard is then done again. ``read`` parses a shard's CSV (default: pandas' defaults).
+    A shard's output may list failed rows (:func:`failures`); with ``retry_failed`` a done shard that has any
+    is done again (the LLM ledger answers what was answered: only the failures are sent again). ``read`` parses
+    a shard's CSV (default: pandas' defaults).
     """
 
-    def __init__(self, ctx: StageContext, items: pd.DataFrame, size: int, tmp: Path,
-                 accept: Callable[[pd.DataFrame], bool] | None = None,
+    def __init__(self, ctx: StageContext, items: pd.DataFrame, size: int, tmp: Path, retry_failed: bool = False,
                  read: Callable[[Path], pd.DataFrame] = pd.read_csv):
         self.ctx, self.items, self.size, self.tmp = ctx, items.reset_index(drop=True), size, tmp
-        self.accept, self.read = accept, read
+        self.retry_failed, self.read = retry_failed, read
         self.running: Callable[[pd.DataFrame], dict[str, float]] | None = None
         self.last_step = -1
         self.starts = range(0, len(items), size)
@@ -85,8 +88,7 @@ class Shards:
         with lease:
             if not self._verified(i, self._listed()):  # another worker may have finished it meanwhile
                 output = work(self.rows(i))
-                lease.check()
-                self._commit(i, output)
+                self._commit(i, output, lease)
                 faults.failpoint(f"{self.ctx.stage}_shard")
                 logger.info("%s shard %d/%d done by this worker (%d items)", self.ctx.stage, i + 1, len(self),
                             len(self.rows(i)))
@@ -94,14 +96,18 @@ class Shards:
         self._progress()
         return True
 
-    def _commit(self, i: int, output: pd.DataFrame) -> None:
-        """The shard's CSV, then its manifest: the shard counts as done only once both are there and agree."""
+    def _commit(self, i: int, output: pd.DataFrame, lease: Lease) -> None:
+        """The shard's CSV, then its manifest: the shard counts as done only once both are there and agree. Each
+        is written only after the shard's lease is renewed under its epoch (recorded as ``lease_epoch``): a
+        worker whose shard was taken over commits nothing."""
         tracker, run_id = self.ctx.tracker, self.ctx.parent_id
         with tempfile.TemporaryDirectory() as tmp:
             csv, manifest = Path(tmp, self._name(i, "csv")), Path(tmp, self._name(i, "json"))
             output.to_csv(csv, index=False)
-            manifest.write_text(json.dumps({"rows": self._ids(i), "sha256": _sha256(csv)}))
+            lease.fence()
             tracker.upload(run_id, csv, FOLDER)
+            meta = {"rows": self._ids(i), "sha256": _sha256(csv), "lease_epoch": lease.fence()}
+            manifest.write_text(json.dumps(meta))
             tracker.upload(run_id, manifest, FOLDER)
             self.outputs[i] = self.read(csv)  # as a restored shard reads it: the same result either way
 
@@ -121,8 +127,9 @@ class Shards:
             logger.warning("shard %s of run %s is incomplete or for other rows: it is done again", csv, run_id)
             return False
         output = self.read(local)
-        if self.accept is not None and not self.accept(output):
-            logger.info("shard %s of run %s is done again (refused by this invocation's settings)", csv, run_id)
+        if self.retry_failed and len(failed := failures(output)):
+            logger.info("shard %s of run %s is done again for its %d failed rows (retry_failed=true)", csv, run_id,
+                        len(failed))
             return False
         self.outputs[i] = output
         return True
@@ -150,6 +157,17 @@ class Shards:
     @staticmethod
     def _name(i: int, suffix: str) -> str:
         return f"shard-{i:05d}.{suffix}"
+
+
+def failures(output: pd.DataFrame, row_id: str = "row_id") -> pd.DataFrame:
+    """The rows of a shard's or stage's output whose work finally failed (a non-empty ``error`` column), as
+    ``failures.csv`` lists them: ``row_id`` (the row of ``data``; taken from column ``row_id``) and ``error``
+    first. An output without an ``error`` column has none."""
+    if ERROR not in output.columns:
+        return pd.DataFrame(columns=["row_id", ERROR])
+    failed = output[output[ERROR].fillna("") != ""].rename(columns={row_id: "row_id"})
+    first = [c for c in ("row_id", ERROR) if c in failed.columns]
+    return failed[first + [c for c in failed.columns if c not in first]]
 
 
 def _sha256(path: Path) -> str:

@@ -210,7 +210,13 @@ def balanced_weights(label_ids: np.ndarray, classes: int) -> torch.Tensor:
 class FocalLoss:
     """-(1 - p)^gamma * log p of the true class (Lin et al., 2017), times the class weight; gamma=0 without
     weights is the cross-entropy. Normalised by the examples of the whole accumulated batch when the Trainer
-    says how many there are (gradient accumulation), else the mean over the batch."""
+    says how many there are (gradient accumulation), else the mean over the batch.
+
+    Computed in float32 whatever the logits' precision, with ``1 - p`` kept at least ``FLOOR``: once p rounds to
+    1.0 the gradient of ``(1 - p)^gamma`` is ``gamma * 0^(gamma - 1) * 0`` = inf * 0 = NaN for 0 < gamma < 1 (the
+    floor changes no value that float32 can tell from 0, so other losses stay bit for bit the same)."""
+
+    FLOOR = 1e-12
 
     def __init__(self, gamma: float, weights: torch.Tensor | None):
         self.gamma, self.weights = gamma, weights
@@ -218,7 +224,7 @@ class FocalLoss:
     def __call__(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         log_p = torch.log_softmax(logits.float(), dim=-1).gather(1, labels.view(-1, 1)).squeeze(1)
-        loss = -((1.0 - log_p.exp()) ** self.gamma) * log_p if self.gamma else -log_p
+        loss = -((1.0 - log_p.exp()).clamp(min=self.FLOOR) ** self.gamma) * log_p if self.gamma else -log_p
         if self.weights is not None:
             loss = loss * self.weights.to(loss.device)[labels]
         if num_items_in_batch is not None:
@@ -230,29 +236,36 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers?|block)\.(\d+)\.")  # BERT-likes, Distil
 
 
 def layer_depths(model) -> dict[str, int]:
-    """Per parameter, how many layers below the top it is: 0 for the head, the decoder and the top encoder layer,
-    ``L - 1 - i`` for encoder layer ``i`` of ``L``, ``L`` for the encoder's embeddings (an encoder-decoder's
-    shared embedding is also the decoder's input and output layer: 0). ConfigError without numbered layers."""
-    names = [name for name, _ in model.named_parameters()]
-    embedding = model.get_input_embeddings().weight  # by identity: a tied one may be named after the LM head
-    embedding_name = next(name for name, parameter in model.named_parameters() if parameter is embedding)
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    indices = [int(m.group(1)) for m in map(_LAYER.search, names) if m and "decoder" not in m.string.split(".")]
-    if not indices:
-        raise ConfigError(f"layerwise_lr_decay: {type(model).__name__} has no numbered encoder layers to give "
-                          "their own rates (e.g. ALBERT shares one layer); pass layerwise_lr_decay=1")
-    layers = max(indices) + 1
+    """Per parameter, how many layers below the top of its stack it is. The stacks are the model, or an
+    encoder-decoder's encoder and decoder, each counted on its own: layer ``i`` of ``L`` at ``L - 1 - i``, the
+    stack's embeddings at its bottom ``L`` (an embedding shared by both stacks, as in BART and T5, at the bottom
+    of the deeper), the rest (heads, final norms, pooler) at 0. A tied weight is judged by every name it has (XLM-R
+    lists its word embedding as ``lm_head.decoder.weight``). ConfigError when a stack has no numbered layers."""
+    split = bool(getattr(model.config, "is_encoder_decoder", False))
+
+    def stack(name: str) -> str | None:
+        return next((part for part in name.split(".") if part in ("encoder", "decoder")), None) if split else "encoder"
+
+    aliases: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    every = [name for names in aliases.values() for name in names]
+    layers: dict[str, int] = {}
+    for name, match in ((name, _LAYER.search(name)) for name in every):
+        if match and stack(name):
+            layers[stack(name)] = max(layers.get(stack(name), 0), int(match.group(1)) + 1)
+    missing = sorted({stack(name) for name in every} - set(layers) - {None})
+    if missing or not layers:
+        raise ConfigError(f"layerwise_lr_decay: {type(model).__name__} has no numbered {' or '.join(missing)} "
+                          "layers to give their own rates (e.g. ALBERT shares one layer); pass layerwise_lr_decay=1")
     depths = {}
-    for name in names:
-        match = _LAYER.search(name)
-        if name == embedding_name:
-            depths[name] = 0 if encoder_decoder else layers
-        elif "decoder" in name.split(".") or name.startswith(("cls.", "lm_head.")):
-            depths[name] = 0
-        elif match:
-            depths[name] = layers - 1 - int(match.group(1))
-        elif "embed" in name or name.endswith("shared.weight"):
-            depths[name] = 0 if encoder_decoder and name.endswith("shared.weight") else layers
+    for name, parameter in model.named_parameters():
+        names, match = aliases[id(parameter)], _LAYER.search(name)
+        stacks = {stack(alias) for alias in names} & set(layers)
+        if match and stack(name):
+            depths[name] = layers[stack(name)] - 1 - int(match.group(1))
+        elif any("embed" in alias or alias.endswith("shared.weight") for alias in names):
+            depths[name] = max(layers[s] for s in stacks or layers)
         else:
             depths[name] = 0
     return depths

@@ -66,19 +66,22 @@ def embedded_store() -> Path:
     return (project if (project / "MLproject").is_file() else Path.cwd()) / "mlruns"
 
 
-def tracking_uri() -> str:
+def tracking_uri(create: bool = True) -> str:
     """MLFLOW_TRACKING_URI, or the embedded default ``sqlite:///<project>/mlruns/mlflow.db`` (artifacts beside it).
 
     A relative SQLite path is made absolute (against the working folder), so that the same value names the same
-    store however deep the process is launched.
+    store however deep the process is launched. A missing SQLite store is created, or with ``create=False``
+    refused (NotFound): a command that only reads or tidies a store must not make a new, empty one from a typo.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        embedded_store().mkdir(exist_ok=True)
         uri = f"sqlite:///{embedded_store() / 'mlflow.db'}"
     elif _sqlite_path(uri) is not None and not _sqlite_path(uri).is_absolute():
         uri = f"sqlite:///{_sqlite_path(uri).resolve()}"
     if _sqlite_path(uri) is not None and not _sqlite_path(uri).exists():
+        if not create:
+            raise NotFound(f"tracking store {_sqlite_path(uri)} does not exist; check MLFLOW_TRACKING_URI "
+                           f"({os.environ.get('MLFLOW_TRACKING_URI') or 'unset: the embedded default'})")
         _create_sqlite_store(_sqlite_path(uri))
     os.environ["MLFLOW_TRACKING_URI"] = uri
     return uri

@@ -60,10 +60,13 @@ class ArtifactFile:
 
 
 class AdminStore:
-    """The tracking store named by MLFLOW_TRACKING_URI (or the embedded default, as every stage uses it)."""
+    """The tracking store named by MLFLOW_TRACKING_URI (or the embedded default, as every stage uses it).
 
-    def __init__(self) -> None:
-        self.uri = tracking_uri()
+    A missing SQLite store is refused (NotFound) unless ``create`` (a restore into a new store).
+    """
+
+    def __init__(self, create: bool = False) -> None:
+        self.uri = tracking_uri(create=create)
         self.client = MlflowClient(tracking_uri=self.uri)
         mlflow.set_tracking_uri(self.uri)  # artifact downloads resolve runs through the fluent default
 

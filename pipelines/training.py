@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from pipelines import faults, techniques, warmstart
 from pipelines.checkpoints import CheckpointStore
-from pipelines.config import StageConfig
+from pipelines.config import StageConfig, UserError
 from pipelines.data import Dataset
 from pipelines.models import ModelSource
 from pipelines.tasks import Task
@@ -57,6 +58,48 @@ class MlflowMetrics(TrainerCallback):
 
     def on_prediction_step(self, args, state, control, **kwargs):
         faults.failpoint("predict_step")  # each batch of evaluation or of the final validation predictions
+
+
+class TrainingDiverged(UserError):
+    """A training step gave a non-finite loss or gradient: the unit fails before any checkpoint holds that step."""
+
+
+class RefuseNonFinite(TrainerCallback):
+    """Fail the unit at the first optimizer step whose gradients are not finite (NaN or inf: a non-finite loss gives
+    them too), before the optimizer applies them, and at a logged ``loss`` or ``grad_norm`` that is not finite
+    (``logging_nan_inf_filter`` is off, so a NaN loss is logged as NaN); both come before the step's checkpoint
+    is saved, so no checkpoint of a diverged model is ever committed."""
+
+    def __init__(self, cfg: StageConfig):
+        self.cfg = cfg
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.stack([grad.norm().to(grads[0].device) for grad in grads]).norm()  # one sync per step
+        if not torch.isfinite(norm):
+            self._refuse(state.global_step + 1, state.epoch, f"the gradient (norm {norm.item()})", model)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+        if bad:
+            self._refuse(state.global_step, state.epoch, " and ".join(f"the logged {k} ({v})" for k, v in bad.items()),
+                         model)
+
+    def _refuse(self, step: int, epoch: float | None, what: str, model) -> None:
+        cfg = self.cfg
+        suspects = [f"learning_rate={cfg.learning_rate:g} too high (lower it, or raise warmup_ratio="
+                    f"{cfg.warmup_ratio:g})"]
+        if cfg.task == "classification" and cfg.loss == "focal":
+            suspects.append(f"loss=focal with focal_gamma={cfg.focal_gamma:g}")
+        dtype = next(model.parameters()).dtype if model is not None else torch.float32
+        if dtype != torch.float32:
+            suspects.append(f"the model's {dtype} precision (load it in float32)")
+        raise TrainingDiverged(
+            f"training diverged at step {step} (epoch {epoch or 0:.2f}): {what} is not finite, and no checkpoint "
+            f"holds this step. Likely cause: {'; '.join(suspects)}; max_grad_norm="
+            f"{cfg.max_grad_norm:g}. Change the setting and start a new run (resume=false).")
 
 
 class UploadCheckpoints(TrainerCallback):
@@ -98,7 +141,8 @@ def fit(
     averages = techniques.averaging_callbacks(cfg, checkpoint)
     # the caller's callbacks first: a lost lease must stop a worker before it logs or uploads anything; the
     # averages before the upload: their state goes into each checkpoint folder
-    callbacks = [*(callbacks or []), *averages, MlflowMetrics(tracker, run_id), UploadCheckpoints(store)]
+    callbacks = [*(callbacks or []), RefuseNonFinite(cfg), *averages, MlflowMetrics(tracker, run_id),
+                 UploadCheckpoints(store)]
     if cfg.early_stopping_patience and valid is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = task.trainer(cfg, built, _arguments(cfg, output_dir, validate=valid is not None), train, valid,
@@ -164,6 +208,7 @@ def _arguments(cfg: StageConfig, output_dir: Path, validate: bool) -> dict:
         save_steps=cfg.save_steps or None,
         save_total_limit=2,
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (RefuseNonFinite), not as the mean before it
         load_best_model_at_end=cfg.early_stopping_patience > 0 and validate,
         metric_for_best_model=f"eval_{cfg.metric}" if validate else None,
         greater_is_better=cfg.greater_is_better(),

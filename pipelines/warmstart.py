@@ -6,6 +6,11 @@ states): ``init_from`` takes only weights (optionally the checkpoint's EMA weigh
 
 Sources: a Trainer checkpoint folder, a model folder, ``runs:/<run_id>/<path>``, or the id of a unit run
 (its logged ``model/`` once finished, else its latest verified checkpoint).
+
+A source moves on (a run saves newer checkpoints, deletes ``checkpoints/`` when it finishes, a folder is
+overwritten), so the run it starts keeps its own copy: at its start the files the units load are snapshotted
+into the run (``init_weights/``, tags ``init_digest`` and ``init_snapshot``), and a resume loads that snapshot
+with the recorded digest, never the source again.
 """
 
 from __future__ import annotations
@@ -38,14 +43,21 @@ class InitWeights:
     source: str  # as the user gave it
     path: Path  # local folder
     epoch: float | None  # epochs its Trainer state had trained (None: a model folder without one)
-    digest: str  # of everything in the folder
+    digest: str  # of everything in the source folder (on a resume: as recorded at the run's start)
 
 
-def resolve_init(source: str, cache_dir: Path, ema: bool, epoch: str) -> InitWeights:
-    """Fetch and check ``init_from`` before any run is created."""
+SNAPSHOT = "init_weights"  # artifact folder of a run's copy of its init_from weights
+SNAPSHOT_TAG = "init_snapshot"
+DIGEST_TAG = "init_digest"
+
+
+def resolve_init(source: str, cache_dir: Path, ema: bool, epoch: str, snapshot: str = "",
+                 digest: str = "") -> InitWeights:
+    """Fetch and check ``init_from`` before any run is created; a resume passes the ``runs:/`` URI of its run's
+    snapshot and the ``digest`` recorded at its start instead (the source is not read again)."""
     from pipelines.models import folder_digest  # models imports this module
 
-    path = _fetch(source, cache_dir)
+    path = _download(snapshot, cache_dir) if snapshot else _fetch(source, cache_dir)
     if not any((path / name).is_file() for name in WEIGHTS):
         raise ConfigError(f"init_from={source}: {path} holds no weights ({' or '.join(WEIGHTS)}); pass a checkpoint "
                           "or model folder, runs:/<run_id>/<path> or a unit run id")
@@ -57,7 +69,18 @@ def resolve_init(source: str, cache_dir: Path, ema: bool, epoch: str) -> InitWei
         raise ConfigError(f"init_epoch=continue needs a checkpoint saved at the end of an epoch; init_from={source} "
                           f"has {'no trainer state' if trained is None else f'epoch {trained}'}. Pass "
                           "init_epoch=restart, or a Trainer checkpoint folder")
-    return InitWeights(source, path, trained, folder_digest(path, recursive=True))
+    return InitWeights(source, path, trained, digest or folder_digest(path, recursive=True))
+
+
+def keep_snapshot(tracker: tracking.Tracker, run_id: str, init: InitWeights) -> dict[str, str]:
+    """Copy what the units load from ``init`` (weights, EMA weights, trainer state) into run ``run_id``; the
+    tags to set once it is there (they mark the snapshot complete)."""
+    names = [next(name for name in WEIGHTS if (init.path / name).is_file()), EMA.FILE, TRAINER_STATE_NAME]
+    for name in (name for name in names if (init.path / name).is_file()):
+        tracker.upload(run_id, init.path / name, SNAPSHOT)
+    logger.info("init_from=%s: snapshot of its weights kept in run %s (%s/), digest %s", init.source, run_id,
+                SNAPSHOT, init.digest)
+    return {DIGEST_TAG: init.digest, SNAPSHOT_TAG: SNAPSHOT}
 
 
 def _fetch(source: str, cache_dir: Path) -> Path:

@@ -23,6 +23,7 @@ from pipelines.config import (
     TaptConfig,
     TrainConfig,
     ValidateConfig,
+    settings_fields,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def render() -> str:
              "# (in parentheses). Any value given with -P, even the default, overrides config_file.",
              "name: pipelines", "", "conda_env: conda.yaml", "", "entry_points:"]
     for name, (cls, script) in ENTRY_POINTS.items():
-        fields = [f for f in dataclasses.fields(cls) if f.name not in SKIPPED]
+        fields = [f for f in settings_fields(cls) if f.name not in SKIPPED]  # settings_source is no parameter
         lines += [f"  # {' '.join(cls.__doc__.split())}", f"  {name}:", "    parameters:"]
         for f in fields:
             lines += [f"      # {f.metadata['help']} (default: {_default(f)})",

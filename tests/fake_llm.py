@@ -2,6 +2,7 @@
 
 ``with FakeLLM(latency=0.0) as server:`` serves ``POST {server.base_url}/chat/completions`` on 127.0.0.1. The
 answer is deterministic: ``"SUMMARY: "`` + the first 8 words of the last user message, cut to ``max_tokens`` words.
+Its ``usage`` counts words as tokens, or ``tokens_per_char`` tokens a character of the prompt when that is set.
 It counts what it receives (``received``, ``completed``, ``total``, ``log``) and injects faults on demand
 (``fail``, ``drop``, ``slow``, ``always_fail``), all safe to change while requests are in flight.
 """
@@ -12,6 +13,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -61,14 +63,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         fake, arrived, header = self.server.fake, time.monotonic(), self.headers.get("Authorization", "")
         allowed = header.startswith("Bearer ") and (fake.api_key is None or header == f"Bearer {fake.api_key}")
-        fault, extra = fake._arrive(content, allowed)
+        fault, extra, message = fake._arrive(content, allowed)
         time.sleep(fake.latency + extra)
         if not allowed:
             status, body = 401, _error(401, "Incorrect API key provided.", "invalid_api_key")
         elif fault == "drop":
             status, body = 0, None  # 0 in ``log``: closed without an answer
         elif fault is not None:
-            status, body = int(fault), _error(int(fault), f"injected fault {fault} for this request")
+            text = (message or "injected fault {status} for this request").format(
+                status=fault, authorization=header.removeprefix("Bearer "))
+            status, body = int(fault), _error(int(fault), text)
         else:
             status, body = 200, self._answer(request, messages, content)
         fake._done(arrived, content, status)  # counted before the client can see the answer
@@ -83,7 +87,9 @@ class _Handler(BaseHTTPRequestHandler):
         words = ["SUMMARY:", *content.split()[:8]]
         if request.get("max_tokens") is not None:
             words = words[: max(int(request["max_tokens"]), 0)]
-        prompt = sum(len(str(m.get("content") or "").split()) for m in messages)
+        texts = [str(m.get("content") or "") for m in messages]
+        per_char = self.server.fake.tokens_per_char
+        prompt = math.ceil(per_char * sum(map(len, texts))) if per_char else sum(len(t.split()) for t in texts)
         return {"id": f"chatcmpl-{next(self.server.fake._ids)}", "object": "chat.completion",
                 "created": int(time.time()), "model": request.get("model", ""),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(words)},
@@ -113,15 +119,17 @@ class _Server(ThreadingHTTPServer):
 
 class FakeLLM:
     """The server. ``received``/``completed``: Counters by last user content; ``log``: (monotonic, content, status)
-    per request (status 0: dropped); ``latency``: seconds slept before every answer, mutable at runtime."""
+    per request (status 0: dropped); ``latency``: seconds slept before every answer, mutable at runtime;
+    ``tokens_per_char``: the prompt tokens reported per character (None: one per word)."""
 
-    def __init__(self, latency: float = 0.0, api_key: str | None = None) -> None:
-        self.latency, self.api_key = latency, api_key
+    def __init__(self, latency: float = 0.0, api_key: str | None = None, tokens_per_char: float | None = None) -> None:
+        self.latency, self.api_key, self.tokens_per_char = latency, api_key, tokens_per_char
         self.received: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
         self.log: list[tuple[float, str, int]] = []
         self._lock = threading.Lock()
-        self._rules: list[list[Any]] = []  # [substring, "fault" | "slow", status | "drop" | seconds, left | None]
+        self._rules: list[list[Any]] = []  # [substring, "fault" | "slow", status | "drop" | seconds, left | None,
+        #                                     error message | None]
         self._ids = itertools.count(1)
         self._httpd: _Server | None = None
 
@@ -159,21 +167,22 @@ class FakeLLM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def fail(self, content_substring: str, status: int, times: int = 1) -> None:
-        """The next ``times`` requests whose last user content contains the substring get HTTP ``status``."""
-        self._add([content_substring, "fault", status, times])
+    def fail(self, content_substring: str, status: int, times: int = 1, message: str | None = None) -> None:
+        """The next ``times`` requests whose last user content contains the substring get HTTP ``status``; its
+        error ``message`` may name ``{status}`` and ``{authorization}`` (the API key sent, as some gateways echo)."""
+        self._add([content_substring, "fault", status, times, message])
 
     def drop(self, content_substring: str, times: int = 1) -> None:
         """The next ``times`` matching requests have their connection closed without an answer."""
-        self._add([content_substring, "fault", "drop", times])
+        self._add([content_substring, "fault", "drop", times, None])
 
-    def always_fail(self, content_substring: str, status: int) -> None:
-        """Every matching request fails with HTTP ``status`` (until ``clear_faults``)."""
-        self._add([content_substring, "fault", status, None])
+    def always_fail(self, content_substring: str, status: int, message: str | None = None) -> None:
+        """Every matching request fails with HTTP ``status`` (until ``clear_faults``); ``message`` as in ``fail``."""
+        self._add([content_substring, "fault", status, None, message])
 
     def slow(self, content_substring: str, seconds: float, times: int = 1) -> None:
         """The next ``times`` matching requests sleep ``seconds`` more before answering."""
-        self._add([content_substring, "slow", seconds, times])
+        self._add([content_substring, "slow", seconds, times, None])
 
     def clear_faults(self) -> None:
         """Forget every fault and slowdown still pending."""
@@ -184,17 +193,18 @@ class FakeLLM:
         with self._lock:
             self._rules.append(rule)
 
-    def _arrive(self, content: str, allowed: bool) -> tuple[Any, float]:
+    def _arrive(self, content: str, allowed: bool) -> tuple[Any, float, str | None]:
         """Count a request; if ``allowed`` (right key), consume the first matching fault and the first matching
-        slowdown. Returns (status | "drop" | None, extra seconds)."""
+        slowdown. Returns (status | "drop" | None, extra seconds, the fault's error message | None)."""
         taken: dict[str, Any] = {}
         with self._lock:
             self.received[content] += 1
             for rule in self._rules if allowed else []:
-                substring, kind, value, left = rule
+                substring, kind, value, left, message = rule
                 if kind not in taken and substring in content and (left is None or left > 0):
-                    taken[kind], rule[3] = value, None if left is None else left - 1
-        return taken.get("fault"), taken.get("slow", 0.0)
+                    taken[kind], rule[3] = (value, message), None if left is None else left - 1
+        fault, message = taken.get("fault", (None, None))
+        return fault, taken.get("slow", (0.0, None))[0], message
 
     def _done(self, arrived: float, content: str, status: int) -> None:
         with self._lock:

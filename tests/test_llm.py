@@ -120,7 +120,7 @@ def test_failures_are_listed_and_retry_failed_resends_only_them(server, tmp_path
     args = args_for(server, data, "fail", shard_size=10, max_retries=2)
     first = run_entrypoint("llm", args, env, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "2 of 30 requests failed" in first.stderr
+    assert "2 LLM requests failed" in first.stderr and "retry_failed=true" in first.stderr
     [parent] = parents(env, "fail", "llm")
     failures = artifact_frame(env, parent.info.run_id, "failures.csv", tmp_path / "f")
     assert list(failures["row_id"]) == [7, 21] and failures["error"].str.contains("500").all()

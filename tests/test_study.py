@@ -15,6 +15,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy import text
 
 from pipelines.config import ConfigError
 from pipelines.leases import LeaseStore
@@ -33,6 +34,7 @@ from pipelines.study import (
     optimize,
     recover_dead_trials,
     storage_for,
+    study_scope,
 )
 
 SPACE = {"x": FloatDistribution(0.0, 1.0)}
@@ -46,17 +48,27 @@ def study_in(tmp_path, sampler="tpe", seed=1, name="s", grace_period=2):
     return open_study(settings, storage), storage
 
 
-def running_trial(study, storage, owner: str):
+def running_trial(study, storage, owner: str, grace_period: float = 2):
+    """A RUNNING trial whose lease row names ``owner``, with a fresh heartbeat by the database's clock."""
     trial = study.ask(SPACE)
-    trial.set_user_attr("worker", owner)
-    storage.record_heartbeat(trial._trial_id)
+    LeaseStore(storage.url, 1, 2).close()  # the lease table
+    with storage.engine.begin() as conn:
+        conn.execute(text("INSERT INTO pipelines_leases (scope, unit, owner, heartbeat, heartbeat_interval, "
+                          "grace_period, epoch) VALUES (:s, :u, :o, (julianday('now') - 2440587.5) * 86400.0, 1, "
+                          ":g, 1)"), {"s": study_scope(study), "u": f"trial-{trial._trial_id}", "o": owner,
+                                      "g": grace_period})
     return trial
+
+
+def age_heartbeats(storage, seconds: float) -> None:
+    with storage.engine.begin() as conn:
+        conn.execute(text("UPDATE pipelines_leases SET heartbeat = heartbeat - :s"), {"s": seconds})
 
 
 def test_trial_of_a_dead_process_on_this_host_is_requeued_at_once(tmp_path):
     study, storage = study_in(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    trial = running_trial(study, storage, f"{socket.gethostname()}:{int(dead.stdout)}")
+    trial = running_trial(study, storage, f"{socket.gethostname()}:{int(dead.stdout)}:0badf00d")
     assert recover_dead_trials(study, storage) == [trial.number]  # at once: no waiting for a stale heartbeat
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.WAITING]
@@ -66,10 +78,11 @@ def test_trial_of_a_dead_process_on_this_host_is_requeued_at_once(tmp_path):
 
 def test_trial_of_another_host_is_requeued_only_when_its_heartbeat_is_stale(tmp_path):
     study, storage = study_in(tmp_path)
-    running_trial(study, storage, "another-host:1")
+    running_trial(study, storage, "another-host:1:0badf00d", grace_period=2)
+    age_heartbeats(storage, 1.5)
     assert recover_dead_trials(study, storage) == []
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
-    time.sleep(3.5)  # grace_period=2, and SQLite keeps heartbeat times to the second
+    age_heartbeats(storage, 1.0)  # older than the row's grace_period=2 by the database's clock
     recover_dead_trials(study, storage)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
 
@@ -78,7 +91,7 @@ def test_live_local_trial_is_left_alone(tmp_path):
     study, storage = study_in(tmp_path)
     import os
 
-    running_trial(study, storage, f"{socket.gethostname()}:{os.getpid()}")
+    running_trial(study, storage, f"{socket.gethostname()}:{os.getpid()}:0badf00d")
     assert recover_dead_trials(study, storage) == []
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
 
@@ -238,7 +251,7 @@ def test_interrupted_trial_stays_running_for_recovery(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         optimize(study, storage, interrupted, SearchLimits(3, max_retries=1), nullcontext)
-    assert [t.state for t in study.trials] == [TrialState.RUNNING]  # a crash: re-queued once its heartbeat is stale
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]  # its lease released: re-queued by the next look
 
 
 def test_three_concurrent_workers_never_share_a_logical_number(tmp_path):

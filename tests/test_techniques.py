@@ -129,11 +129,11 @@ def test_layer_depths_of_other_architectures():
 
     t5 = techniques.layer_depths(T5ForConditionalGeneration(
         T5Config(vocab_size=50, d_model=8, d_ff=16, num_layers=2, num_heads=1, d_kv=4)))
-    # T5's depth is its block's, whichever sub-layer; the shared embedding is also the decoder's and the head's
+    # T5's depth is its block's, whichever sub-layer; the decoder is a stack of its own (tests/test_edges_training)
     assert t5["encoder.block.0.layer.0.SelfAttention.q.weight"] == 1
     assert t5["encoder.block.0.layer.1.DenseReluDense.wi.weight"] == 1
-    assert t5["encoder.block.1.layer.1.DenseReluDense.wi.weight"] == 0 and t5["shared.weight"] == 0
-    assert t5["decoder.block.0.layer.0.SelfAttention.q.weight"] == 0
+    assert t5["encoder.block.1.layer.1.DenseReluDense.wi.weight"] == 0 and t5["shared.weight"] == 2
+    assert t5["decoder.block.0.layer.0.SelfAttention.q.weight"] == 1
     bart = techniques.layer_depths(BartForConditionalGeneration(BartConfig(
         vocab_size=50, d_model=8, encoder_layers=2, decoder_layers=1, encoder_attention_heads=1,
         decoder_attention_heads=1, encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=32)))

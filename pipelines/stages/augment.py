@@ -4,8 +4,9 @@ Methods: ``eda`` (pipelines/eda.py: deletion, swap, in-text insertion, punctuati
 ``back_translation`` (two seq2seq translation models), ``paraphrase`` (a seq2seq paraphrasing model) and
 ``llm_paraphrase`` (the `llm` stage's client and ledger: never paid twice). The run logs ``augmented.csv``: every
 original row (``method=original``) and then the new rows, each with all the columns of its source row, the new
-text, ``source_row_id`` (the source's position in ``data``) and ``method``. Training stages take it with
-``augment_from=<this run>`` and give a fold only the augmentations of its own training rows.
+text, ``source_row_id`` (the source's position in ``data``) and ``method``; and ``failures.csv``, the rows whose
+LLM request finally failed (metric ``failures``; sent again on ``resume=true retry_failed=true``). Training stages
+take it with ``augment_from=<this run>`` and give a fold only the augmentations of its own training rows.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import AugmentConfig
-from pipelines.data import DataError, Dataset, content_digest, read_table
+from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
 from pipelines.eda import augment_many
-from pipelines.llm import canonical_request, load_template, template_fields
+from pipelines.llm import load_template, template_fields
 from pipelines.models import ModelSource, resolve_model
-from pipelines.shards import Shards, finish
+from pipelines.shards import ERROR, FAILURES, Shards, failures, finish
 from pipelines.stages.contract import open_stage
-from pipelines.stages.llm import Session, prompt_items
+from pipelines.stages.llm import Session, prompt_items, report
 from pipelines.tasks.summarization import generate, generation_config, load_summarizer
 from pipelines.tracking import Tracker
 
@@ -53,13 +54,15 @@ def run(cfg: AugmentConfig) -> dict[str, float]:
         ctx = open_stage("augment", cfg, data, source, tracker)
         with Session(ctx, cfg) if "llm_paraphrase" in cfg.methods() else nullcontext() as session:
             makers = Makers(cfg, models, session)
-            new = Shards(ctx, items, cfg.shard_size, Path(tmp) / "shards", read=_read).run(makers.augment)
+            shards = Shards(ctx, items, cfg.shard_size, Path(tmp) / "shards", cfg.retry_failed, read=_read)
+            new = shards.run(makers.augment)
+        failed, new = failures(new, "source_row_id"), new[new[ERROR] == ""]
         augmented = assemble(frame, new, cfg.text_column)
         counts = new["method"].value_counts()
-        metrics = {"rows_original": len(frame), "rows_new": len(new),
+        metrics = {"rows_original": len(frame), "rows_new": len(new), "failures": len(failed),
                    **{f"rows_{method}": int(counts.get(method, 0)) for method in cfg.methods()}}
-        finish(ctx, {AUGMENTED: augmented}, metrics)
-    logger.info("augment run %s: %s", ctx.parent_id, metrics)
+        finish(ctx, {AUGMENTED: augmented, FAILURES: failed}, metrics)
+    report("augment", ctx.parent_id, metrics)
     return metrics
 
 
@@ -89,17 +92,19 @@ class Makers:
         self.networks = {name: load_summarizer(model.path) for name, model in models.items()}
 
     def augment(self, rows: pd.DataFrame) -> pd.DataFrame:
-        """New rows (``source_row_id``, ``method``, ``text``) for a shard's rows, in row order, then method order."""
+        """New rows (``source_row_id``, ``method``, ``text``, ``error``) for a shard's rows, in row order, then
+        method order; a failed LLM request is a row with its ``error`` and no text."""
         parts = []
         for method in self.cfg.methods():
-            texts = getattr(self, method)(rows)  # one list of (row_id, text) per method
-            parts.append(pd.DataFrame(texts, columns=["source_row_id", "text"]).assign(method=method))
+            texts = [(*made, "")[:3] for made in getattr(self, method)(rows)]  # (row_id, text[, error]) each
+            parts.append(pd.DataFrame(texts, columns=["source_row_id", "text", ERROR]).assign(method=method))
         new = pd.concat(parts, ignore_index=True)
         original = dict(zip(rows["row_id"], rows["text"]))
-        new = new[(new["text"].str.strip() != "") & (new["text"] != new["source_row_id"].map(original))]
+        fresh = (new["text"].str.strip() != "") & (new["text"] != new["source_row_id"].map(original))
+        new = new[fresh | (new[ERROR] != "")]
         order = {m: i for i, m in enumerate(self.cfg.methods())}
         new = new.assign(_m=new["method"].map(order)).sort_values(["source_row_id", "_m"], kind="stable")
-        return new[["source_row_id", "method", "text"]].reset_index(drop=True)
+        return new[["source_row_id", "method", "text", ERROR]].reset_index(drop=True)
 
     def eda(self, rows: pd.DataFrame) -> list[tuple[int, str]]:
         operations = [op.strip() for op in self.cfg.eda_operations.split(",") if op.strip()]
@@ -117,13 +122,9 @@ class Makers:
     def paraphrase(self, rows: pd.DataFrame) -> list[tuple[int, str]]:
         return list(zip(rows["row_id"], self._generate("paraphrase_model", rows["text"].tolist())))
 
-    def llm_paraphrase(self, rows: pd.DataFrame) -> list[tuple[int, str]]:
-        answers = self.session.client.answer([canonical_request(p, self.cfg, self.cfg.system_prompt)
-                                              for p in rows["prompt"]])
-        failed = int((answers["error"] != "").sum())
-        if failed:
-            logger.warning("llm_paraphrase: %d requests failed (no augmentation for those rows)", failed)
-        return [(r, a.strip()) for r, a, e in zip(rows["row_id"], answers["response"], answers["error"]) if not e]
+    def llm_paraphrase(self, rows: pd.DataFrame) -> list[tuple[int, str, str]]:
+        answers = self.session.ask(rows["prompt"])
+        return [(r, "" if e else a.strip(), e) for r, a, e in zip(rows["row_id"], answers["response"], answers[ERROR])]
 
     def _generate(self, name: str, texts: list[str]) -> list[str]:
         return rewrite(self.networks[name], texts, self.cfg)
@@ -149,4 +150,4 @@ def assemble(frame: pd.DataFrame, new: pd.DataFrame, text_column: str) -> pd.Dat
 
 
 def _read(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"text": str, "method": str}, keep_default_na=False)
+    return read_artifact_csv(path, ("text", "method", ERROR))

@@ -4,6 +4,11 @@ An augmentation is a rewrite of one source row; joined to a fold whose *validati
 let the model train on (a paraphrase of) what it is scored on. So a unit's training set gets exactly the
 augmentations whose ``source_row_id`` is one of its own training rows, and the unit run records which
 (``augmentations_used.csv``).
+
+Only the new *text* comes from the augment run. Every other column training uses (the label, the summary target,
+the group) is the source row's value in this stage's data, so a label corrected after augmenting reaches its
+augmentations too, and the unit's fingerprint covers everything it trains on: the augment run id (its
+``augmented.csv`` never changes once the run has finished) and the data digest (text, labels, targets).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.config import ConfigError, NotFound
-from pipelines.data import read_table
+from pipelines.data import read_artifact_csv
 from pipelines.stages.contract import StageContext, recorded_settings
 
 logger = logging.getLogger(__name__)
@@ -40,7 +45,8 @@ def with_augmentations(ctx: StageContext, run_id: str, train: pd.DataFrame) -> p
 
 
 def augmentations(ctx: StageContext, source: str) -> pd.DataFrame:
-    """The new rows of augment run ``source`` in the task's frame format, with ``source_row_id`` and ``method``."""
+    """The new rows of augment run ``source`` in the task's frame format, with ``source_row_id`` and ``method``;
+    every column but the text is this stage's data's (see :func:`_with_current_columns`)."""
     key = (source, ctx.data.digest)
     if key not in _loaded:
         _loaded[key] = _load(ctx, source)
@@ -58,22 +64,38 @@ def _load(ctx: StageContext, source: str) -> pd.DataFrame:
                           f"text_column={ctx.cfg.text_column!r}: pass the same column")
     with tempfile.TemporaryDirectory() as tmp:
         path = ctx.tracker.download(source, AUGMENTED, tmp)
-        raw = read_table(str(path))
+        raw = read_artifact_csv(path, ("method",))  # source_row_id stays a number
         loaded = ctx.task.load(dataclasses.replace(ctx.cfg, data=str(path), max_samples=0)).frame
     meta = raw.iloc[loaded["row_id"].to_numpy()].reset_index(drop=True)
     loaded = loaded.assign(source_row_id=meta["source_row_id"].to_numpy(), method=meta["method"].to_numpy())
     _check_originals(ctx, source, loaded[loaded["method"] == ORIGINAL])
-    extra = loaded[loaded["method"] != ORIGINAL].reset_index(drop=True)
-    if "label_id" in extra.columns:  # the label ids of this stage's data
-        ids = {label: i for i, label in enumerate(ctx.data.labels)}
-        extra = extra[extra["label"].isin(ids)].assign(label_id=lambda f: f["label"].map(ids).astype(int))
-    return extra.assign(row_id=-1 - pd.RangeIndex(len(extra)))  # never one of the data's row ids
+    return _with_current_columns(ctx, source, loaded[loaded["method"] != ORIGINAL])
+
+
+def _with_current_columns(ctx: StageContext, source: str, new: pd.DataFrame) -> pd.DataFrame:
+    """The new rows' text with every other column training uses (label and label id, target, group) taken from
+    this stage's data row ``source_row_id``: a label corrected after augmenting reaches its augmentations too."""
+    ours = ctx.data.frame.set_index("row_id")
+    new = new[new["source_row_id"].isin(ours.index)].reset_index(drop=True)  # the others join no training set
+    current = ours.loc[new["source_row_id"]].reset_index(drop=True)
+    kept = [c for c in current.columns if c not in ("text", "label_id") and c in new.columns]  # ids: of the names
+    changed = new.loc[(new[kept].astype(str) != current[kept].astype(str)).any(axis=1), "source_row_id"].unique()
+    if len(changed):
+        logger.warning("augment run %s recorded other %s than %s for %d source rows (row ids %s): their "
+                       "augmentations take this data's values", source, "/".join(kept), ctx.cfg.data, len(changed),
+                       ", ".join(map(str, changed[:20])) + (" ..." if len(changed) > 20 else ""))
+    out = current.assign(text=new["text"].to_numpy(), source_row_id=new["source_row_id"].to_numpy(),
+                         method=new["method"].to_numpy())
+    return out.assign(row_id=-1 - pd.RangeIndex(len(out)))  # never one of the data's row ids
 
 
 def _check_originals(ctx: StageContext, source: str, originals: pd.DataFrame) -> None:
-    """The augment run's source rows are this stage's rows, at the same positions (``row_id``)."""
+    """The augment run's source rows are this stage's rows, with the same text at the same positions (``row_id``)."""
     theirs = originals.set_index("source_row_id")["text"]
     ours = ctx.data.frame.set_index("row_id")["text"]
-    if not ours.index.isin(theirs.index).all() or not (theirs.reindex(ours.index) == ours).all():
-        raise ConfigError(f"augment run {source} augmented another data file (its original rows differ from "
-                          f"{ctx.cfg.data}): pass the augment run of this data")
+    differ = ours.index[~ours.index.isin(theirs.index) | (theirs.reindex(ours.index) != ours).to_numpy()]
+    if len(differ):
+        raise ConfigError(f"augment run {source} augmented another data file: the text of {len(differ)} rows of "
+                          f"{ctx.cfg.data} differs from its originals (row ids "
+                          f"{', '.join(map(str, differ[:20]))}{' ...' if len(differ) > 20 else ''}): pass the "
+                          "augment run of this data, or augment it again")

@@ -31,7 +31,7 @@ UNIT_DONE_METRIC = f"{UNIT_METRIC_PREFIX}epochs_trained"  # logged by every unit
 
 
 class KeepLease(TrainerCallback):
-    """Stop a worker whose unit's lease another worker has taken over (``LeaseLost``), before its next step,
+    """Stop a worker whose unit's lease was taken over or has expired (``LeaseLost``), before its next step,
     metric or checkpoint: it must not touch the new owner's run. (Placed before the logging callbacks.)"""
 
     def __init__(self, lease: Lease):
@@ -77,25 +77,23 @@ def share_units(ctx: StageContext, count: int, attempt: Callable[[int], Any], wh
     return [results[j] for j in sorted(results)], False
 
 
-def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.DataFrame, lease: Lease | None,
+def fit_unit(ctx: StageContext, run_id: str, train: pd.DataFrame, valid: pd.DataFrame, lease: Lease,
              callbacks: list = (), save_model: bool = True) -> FitResult:
-    """Train one unit in run ``run_id`` (continuing from its checkpoint) and log its results.
-
-    ``lease``: the unit's lease (None where another mechanism owns the unit, e.g. an Optuna trial).
-    """
+    """Train one unit in run ``run_id`` (continuing from its checkpoint) under its ``lease`` and log its results:
+    every checkpoint and the results are committed under the lease's fencing token (``Lease.fence``)."""
     train = with_augmentations(ctx, run_id, train)
-    store = CheckpointStore(ctx.tracker, run_id, ctx.fingerprint, guard=lease.check if lease else None)
+    store = CheckpointStore(ctx.tracker, run_id, ctx.fingerprint, guard=lease.fence)
     with tempfile.TemporaryDirectory(prefix="pipelines-unit-") as work:
         result = fit(ctx.cfg, ctx.task, ctx.model, ctx.data, train, valid, ctx.tracker, run_id, store, Path(work),
-                     callbacks=[*([KeepLease(lease)] if lease else []), *callbacks], save_model=save_model)
-    if lease:
-        lease.check()
+                     callbacks=[KeepLease(lease), *callbacks], save_model=save_model)
+    lease.fence()
     if result.predictions is not None:
         upload_frame(ctx.tracker, run_id, PREDICTIONS_ARTIFACT, result.predictions)
     metric = ctx.cfg.metric
     plots.upload(ctx.tracker, run_id, {"learning_curve.png": lambda path: plots.learning_curves(
         ctx.tracker.history(run_id, ["loss", "eval_loss", f"eval_{metric}"]), metric, path)})
     # the final metrics come last: once they are there, the unit is done even if the process dies now
+    lease.fence()
     log_once(ctx.tracker, run_id, {f"{UNIT_METRIC_PREFIX}{k}": v for k, v in result.metrics.items()})
     store.clear()
     return result
@@ -168,7 +166,7 @@ def run_on_holdout(stage: str, cfg, publish: Callable[[StageContext, FitResult],
     is_valid = np.zeros(len(data), dtype=bool)
     is_valid[task.holdout(data, cfg)] = True
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_training_model(cfg, Path(cache), task)
+        model = resolve_training_model(cfg, Path(cache), task, tracker, stage)
         ctx = open_stage(stage, cfg, data, model, tracker)
         result = run_as_unit(ctx, data.frame[~is_valid], data.frame[is_valid],
                              (lambda r: publish(ctx, r)) if publish else None)

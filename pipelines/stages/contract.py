@@ -37,7 +37,7 @@ from pipelines.config import (
 )
 from pipelines.data import Dataset
 from pipelines.leases import Lease, LeaseStore, owner_alive
-from pipelines.models import ModelSource
+from pipelines.models import ModelSource, record_sources
 from pipelines.study import redact
 from pipelines.tasks import Task, get_task
 from pipelines.tracking import UNFINISHED, WORKER_TAG, Tracker, model_source_run, state_storage
@@ -101,8 +101,10 @@ def open_stage(stage: str, cfg: Coordinated, data: Dataset, model: ModelSource, 
     inputs = {"stage": stage, **cfg.result_settings(), "data_digest": data.digest, "model_digest": model.digest,
               **({"init_digest": init.digest} if init else {}), **(extra_inputs or {})}
     ctx = StageContext(stage, cfg, tracker, inputs, fingerprint(inputs), data=data, model=model)
-    return _open(ctx, lineage_tags(cfg, data, model), {"data_digest": data.digest, "model_digest": model.digest},
-                 checked_tags)
+    ctx = _open(ctx, lineage_tags(cfg, data, model), {"data_digest": data.digest, "model_digest": model.digest},
+                checked_tags)
+    record_sources(tracker, ctx.parent_id, model)  # the hub commit, the init_from snapshot: what resumes load
+    return ctx
 
 
 def lineage_tags(cfg: Coordinated, data: Dataset, model: ModelSource) -> dict[str, str]:
@@ -138,6 +140,7 @@ def _open(ctx: StageContext, tags: dict, params: dict, checked_tags: dict | None
             _attach(ctx, parent, checked, params)
     tracker.adopt_launcher(ctx.parent_id, stage, ctx.resumed)
     _sweep_dead_runs(ctx)
+    tracker.on_close(lambda: _sweep_when_finished(ctx))
     return ctx
 
 
@@ -186,7 +189,8 @@ def _hold(ctx: StageContext) -> None:
 def _record(ctx: StageContext, params: dict) -> None:
     """The resolved settings as params and ``config.json`` (the record later stages read)."""
     ctx.tracker.log_params(ctx.parent_id, {**ctx.cfg.to_record(), **params, "fingerprint": ctx.fingerprint})
-    record = {"settings": ctx.cfg.to_record(), "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
+    record = {"settings": ctx.cfg.to_record(), "settings_source": ctx.cfg.settings_source,
+              "fingerprint_inputs": ctx.inputs, "fingerprint": ctx.fingerprint}
     upload_json(ctx.tracker, ctx.parent_id, CONFIG_ARTIFACT, record)
 
 
@@ -245,6 +249,16 @@ def _sweep_dead_runs(ctx: StageContext) -> None:
             tracker.mark_dead(run.info.run_id, "FAILED", "the process of its parent run died")
 
 
+def _sweep_when_finished(ctx: StageContext) -> None:
+    """Sweep again once the stage's parent run has finished: a launcher killed before its entry point tagged it
+    was too young to judge when this invocation started, and must not stay RUNNING after the stage is done."""
+    try:
+        if ctx.tracker.get_run(ctx.parent_id).info.status == "FINISHED":
+            _sweep_dead_runs(ctx)
+    except Exception as exc:  # noqa: BLE001 - tidying up must never fail a finished stage
+        logger.warning("could not sweep dead runs after %s run %s finished: %s", ctx.stage, ctx.parent_id, exc)
+
+
 def _launcher_dead(ctx: StageContext, run) -> bool:
     """Whether the entry-point process of an ``mlflow run`` launcher run is gone.
 
@@ -255,8 +269,7 @@ def _launcher_dead(ctx: StageContext, run) -> bool:
     tags = run.data.tags
     worker = tags.get(WORKER_TAG, "")
     if not worker:
-        window = ctx.cfg.grace_period if tags.get("mlflow.project.env", "local") == "local" else 3600
-        return time.time() - run.info.start_time / 1000 > window
+        return time.time() - run.info.start_time / 1000 > _launcher_window(ctx, run)
     alive = owner_alive(worker)
     if alive is not None:
         return not alive
@@ -264,6 +277,18 @@ def _launcher_dead(ctx: StageContext, run) -> bool:
         return False
     process = worker.rsplit(":", 1)[0]  # host:pid of another host: alive while it holds a lease on its stage run
     return not any(info.owner.startswith(process + ":") for info in ctx.leases.live(tags["stage_run_id"]))
+
+
+def _launcher_window(ctx: StageContext, run) -> float:
+    """Seconds an untagged launcher may be starting: its own ``-P grace_period`` (``mlflow run`` logs the literal
+    ``-P`` values; empty: not given, then this stage's), or an hour where it builds a conda/virtualenv first."""
+    if run.data.tags.get("mlflow.project.env", "local") != "local":
+        return 3600.0
+    own = run.data.params.get("grace_period", "")
+    try:
+        return float(own) if own else float(ctx.cfg.grace_period)
+    except ValueError:  # not a number: its entry point refused it and exited; this stage's window judges it
+        return float(ctx.cfg.grace_period)
 
 
 def _refuse_if_different(ctx: StageContext, run) -> None:
@@ -296,11 +321,39 @@ def recorded_settings(tracker: Tracker, run_id: str) -> dict:
 
 
 def _with_best_params(cfg, tracker: Tracker):
-    """``cfg`` with the parameters of the optuna or kfold run ``cfg.params_from`` (``latest``: newest search).
+    """``cfg`` with the parameters of the optuna or kfold run ``cfg.params_from`` (``latest``: newest search) over
+    its defaults, ``config_file`` and variant values; settings given explicitly (flags, ``config``) win.
 
-    From an optuna run: its best parameters. From a kfold run: its recorded tunable settings, and for
-    ``epochs=0`` (retrain) the mean best epoch over its folds, rounded to the nearest whole epoch.
+    From an optuna run: the parameters its search space searched (its best ones), never its fixed settings. From a
+    kfold run: its recorded tunable settings. For ``epochs=0`` (retrain) without searched epochs: a kfold's mean
+    best epoch over its folds, rounded to the nearest whole epoch, else the source's own ``epochs``.
     """
+    source, stage, used = _params_source(cfg, tracker)
+    if stage == "optuna":
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = json.loads(tracker.download(source, BEST_PARAMS_ARTIFACT, tmp).read_text())
+    else:
+        fields = {f.name: f for f in dataclasses.fields(cfg)}
+        settings = {name: convert_value(name, used[name], fields[name].default) for name in TUNABLE
+                    if name != "epochs" and cfg.applies(fields[name]) and name in used}
+    if not cfg.epochs and "epochs" not in settings:  # retrain's epochs=0: take them from the source
+        if used.get("objective") == "generate":
+            raise ConfigError(f"params_from={cfg.params_from} is a generation-only search (no training settings): "
+                              "pass epochs=N")
+        folds = [r for r in tracker.child_runs(source, "fold").values() if "final_best_epoch" in r.data.metrics]
+        best = [r.data.metrics["final_best_epoch"] for r in folds]
+        settings["epochs"] = max(1, round(float(np.mean(best)))) if best else int(used["epochs"])
+    kept = [name for name in settings if cfg.settings_source.get(name) == "explicit"
+            and (name != "epochs" or cfg.epochs)]  # epochs=0 asks for the source's epochs
+    taken = {name: value for name, value in settings.items() if name not in kept}
+    logger.info("params_from=%s: using parameters of %s run %s: %s%s", cfg.params_from, stage, source, taken,
+                f"; given explicitly, kept: {', '.join(f'{n}={getattr(cfg, n)}' for n in kept)}" if kept else "")
+    return dataclasses.replace(cfg, params_from=source, **taken,
+                               settings_source={**cfg.settings_source, **dict.fromkeys(taken, "params_from")})
+
+
+def _params_source(cfg, tracker: Tracker) -> tuple[str, str, dict]:
+    """The run ``params_from`` names (``latest``: the newest finished search), its stage and recorded settings."""
     source = cfg.params_from
     if source == "latest":
         runs = [r for r in tracker.parent_runs("optuna") if r.info.status == "FINISHED"]
@@ -315,23 +368,7 @@ def _with_best_params(cfg, tracker: Tracker):
     if used.get("task", "classification") != cfg.task:
         raise ConfigError(f"params_from={cfg.params_from}: run {source} trained task={used.get('task')}, this stage "
                           f"task={cfg.task}; pass a {cfg.task} run, or task={used.get('task')}")
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    settings = {name: convert_value(name, used[name], fields[name].default) for name in TUNABLE
-                if name != "epochs" and cfg.applies(fields[name]) and name in used}
-    if used.get("objective") == "generate":  # it searched generation settings only: bring nothing else
-        settings = {}
-        if not cfg.epochs:
-            raise ConfigError(f"params_from={cfg.params_from} is a generation-only search (no training settings): "
-                              "pass epochs=N")
-    if stage == "optuna":
-        with tempfile.TemporaryDirectory() as tmp:
-            settings.update(json.loads(tracker.download(source, BEST_PARAMS_ARTIFACT, tmp).read_text()))
-    if not cfg.epochs and "epochs" not in settings:  # retrain's epochs=0: take them from the source
-        folds = [r for r in tracker.child_runs(source, "fold").values() if "final_best_epoch" in r.data.metrics]
-        best = [r.data.metrics["final_best_epoch"] for r in folds]
-        settings["epochs"] = max(1, round(float(np.mean(best)))) if best else int(used["epochs"])
-    logger.info("params_from=%s: using parameters of %s run %s: %s", cfg.params_from, stage, source, settings)
-    return dataclasses.replace(cfg, params_from=source, **settings)
+    return source, stage, used
 
 
 def upload_json(tracker: Tracker, run_id: str, name: str, payload: dict) -> None:

@@ -3,9 +3,12 @@
 For each summary (``predictions_from``) and its source: ``quality_based`` scores the summary and the candidates
 of ``correction_models`` (each summarizes the source) by agreement (pipelines/mbr.py) and replaces a summary
 scoring under ``correction_threshold`` by a better candidate; ``vote`` takes the minimum-Bayes-risk choice among
-the summary and the candidates; ``llm`` asks the LLM to fix the summary (the `llm` client and ledger). The run
-logs ``corrected.csv`` (``row_id``, ``text``, ``original``, ``corrected``, ``changed``, ``chosen_from`` and, with
-references, ``reference``) and, with references, ROUGE before and after.
+the summary and the candidates (ties, always the case with one correction model, go to the one agreeing most
+with the source; a tie that remains refuses the run); ``llm`` asks the LLM to fix the summary (the `llm` client
+and ledger). The run logs ``corrected.csv`` (``row_id``, ``text``, ``original``, ``corrected``, ``changed``,
+``chosen_from``, ``error`` and, with references, ``reference``) and, with references, ROUGE before and after. A
+summary whose LLM request finally failed stays the original, with the ``error``; those rows are listed in
+``failures.csv`` and counted in the metric ``failures``, and sent again on ``resume=true retry_failed=true``.
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.config import CorrectConfig, ValidateConfig
-from pipelines.data import Dataset, content_digest
-from pipelines.llm import canonical_request, load_template, template_fields
+from pipelines.data import Dataset, content_digest, read_artifact_csv
+from pipelines.llm import load_template
 from pipelines.mbr import agreement, mbr_choice
 from pipelines.models import ModelSource, resolve_model
-from pipelines.rouge import corpus_scores
-from pipelines.shards import Shards, finish
+from pipelines.rouge import check_tokenizer, corpus_scores
+from pipelines.shards import ERROR, FAILURES, Shards, failures, finish
 from pipelines.stages.augment import rewrite
 from pipelines.stages.contract import open_stage
-from pipelines.stages.llm import Session
+from pipelines.stages.llm import Session, report
 from pipelines.stages.validate import predictions_of
 from pipelines.tasks.summarization import load_summarizer
 from pipelines.tracking import Tracker
@@ -38,21 +41,33 @@ CORRECTED, ORIGINAL = "corrected.csv", "original"
 
 def run(cfg: CorrectConfig) -> dict[str, float]:
     cfg = dataclasses.replace(cfg, correction_prompt=load_template(cfg.correction_prompt),
-                              system_prompt=load_template(cfg.system_prompt))
-    template_fields(cfg.correction_prompt, "correction_prompt")
+                              system_prompt=load_template(cfg.system_prompt))  # its fields: checked by the config
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-fix-") as tmp:
         source, items = predictions_of(_as_validate(cfg), tracker, Path(tmp), require_truth=False)
+        refuse_unfit_rouge(cfg, items)
         models = [resolve_model(name, Path(tmp) / "models") for name in cfg.models()]
         identity = ModelSource(source.name, "", "|".join([source.digest, *(m.digest for m in models)]))
         data = Dataset(frame=items, labels=[], digest=content_digest(items, list(items.columns)))
         ctx = open_stage("correct", cfg, data, identity, tracker)
         with Session(ctx, cfg) if cfg.correction_strategy == "llm" else nullcontext() as session:
             fixer = Fixer(cfg, [(m.name, load_summarizer(m.path)) for m in models], session)
-            corrected = Shards(ctx, items, cfg.shard_size, Path(tmp) / "shards", read=_read).run(fixer.correct)
-        metrics = {"rows": len(corrected), "changed": int(corrected["changed"].sum()), **before_after(cfg, corrected)}
-        finish(ctx, {CORRECTED: corrected}, metrics)
-    logger.info("correct run %s: %s", ctx.parent_id, metrics)
+            shards = Shards(ctx, items, cfg.shard_size, Path(tmp) / "shards", cfg.retry_failed, read=_read)
+            corrected = shards.run(fixer.correct)
+        failed = failures(corrected)
+        metrics = {"rows": len(corrected), "changed": int(corrected["changed"].sum()), "failures": len(failed),
+                   **before_after(cfg, corrected)}
+        finish(ctx, {CORRECTED: corrected, FAILURES: failed}, metrics)
+    report("correct", ctx.parent_id, metrics)
     return metrics
+
+
+def refuse_unfit_rouge(cfg: CorrectConfig, items: pd.DataFrame) -> None:
+    """``rouge_tokenizer=default`` drops Hangul (every score and vote would be 0): refuse it before any run or
+    request when the texts, summaries or references are not mostly Latin, naming the column."""
+    for column, what in (("text", f"the source texts (text_column {cfg.text_column!r})"),
+                         ("prediction", f"the summaries of run {cfg.predictions_from}"),
+                         ("reference", f"target_column {cfg.target_column!r} of {cfg.data}")):
+        check_tokenizer(items[column], cfg.rouge_tokenizer, what)
 
 
 def _as_validate(cfg: CorrectConfig) -> ValidateConfig:
@@ -67,22 +82,27 @@ class Fixer:
 
     def correct(self, rows: pd.DataFrame) -> pd.DataFrame:
         texts, originals = rows["text"].tolist(), rows["prediction"].tolist()
+        errors = [""] * len(rows)
         if self.cfg.correction_strategy == "llm":
-            chosen = self._by_llm(texts, originals)
+            chosen, errors = self._by_llm(texts, originals)
         else:
             candidates = {name: rewrite(loaded, texts, self.cfg, self.cfg.max_source_length)
                           for name, loaded in self.models}
-            chosen = [self._choose(i, texts[i], originals[i], candidates) for i in range(len(rows))]
+            chosen = [self._choose(i, texts[i], originals[i], candidates, row_id)
+                      for i, row_id in enumerate(rows["row_id"])]
         out = pd.DataFrame({"row_id": rows["row_id"], "text": texts, "reference": rows["reference"],
                             "original": originals, "corrected": [c for c, _ in chosen],
-                            "chosen_from": [f for _, f in chosen]})
+                            "chosen_from": [f for _, f in chosen], ERROR: errors})
         return out.assign(changed=(out["corrected"] != out["original"]).astype(int))
 
-    def _choose(self, i: int, text: str, original: str, candidates: dict[str, list[str]]) -> tuple[str, str]:
+    def _choose(self, i: int, text: str, original: str, candidates: dict[str, list[str]],
+                row_id: int) -> tuple[str, str]:
         names = [ORIGINAL, *candidates]
         options = [original, *(candidates[name][i] for name in candidates)]
-        if self.cfg.correction_strategy == "vote":
-            best = mbr_choice(options, self.cfg.rouge_tokenizer)
+        if self.cfg.correction_strategy == "vote":  # ties: agreement with the source text decides (pipelines/mbr.py)
+            best = mbr_choice(options, self.cfg.rouge_tokenizer, source=text,
+                              setting=f"correction_strategy=vote on row_id {row_id} (the summary and "
+                                      f"correction_models={','.join(candidates)})")
             return options[best], names[best]
         scores = agreement(options, text, self.cfg.rouge_tokenizer)
         best = max(range(len(options)), key=lambda k: (scores[k], -k))
@@ -90,12 +110,13 @@ class Fixer:
             return options[best], names[best]
         return original, ORIGINAL
 
-    def _by_llm(self, texts: list[str], originals: list[str]) -> list[tuple[str, str]]:
+    def _by_llm(self, texts: list[str], originals: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+        """(corrected, chosen_from) per row, and the error of each request (a failed one keeps the original)."""
         prompts = [self.cfg.correction_prompt.format_map({"text": t, "summary": s}) for t, s in zip(texts, originals)]
-        answers = self.session.client.answer([canonical_request(p, self.cfg, self.cfg.system_prompt)
-                                              for p in prompts])
-        return [(a.strip(), "llm") if not e and a.strip() else (o, ORIGINAL)
-                for a, e, o in zip(answers["response"], answers["error"], originals)]
+        answers = self.session.ask(prompts)
+        chosen = [(a.strip(), "llm") if not e and a.strip() else (o, ORIGINAL)
+                  for a, e, o in zip(answers["response"], answers[ERROR], originals)]
+        return chosen, answers[ERROR].tolist()
 
 
 def before_after(cfg: CorrectConfig, corrected: pd.DataFrame) -> dict[str, float]:
@@ -109,5 +130,4 @@ def before_after(cfg: CorrectConfig, corrected: pd.DataFrame) -> dict[str, float
 
 
 def _read(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={c: str for c in ("text", "reference", "original", "corrected", "chosen_from")},
-                       keep_default_na=False)
+    return read_artifact_csv(path, ("text", "reference", "original", "corrected", "chosen_from", ERROR))

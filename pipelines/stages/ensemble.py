@@ -29,6 +29,7 @@ from sklearn.model_selection import train_test_split
 import pipelines
 from pipelines import faults
 from pipelines.config import EnsembleConfig, NotFound, UserError
+from pipelines.data import read_artifact_csv
 from pipelines.mbr import mbr_choice
 from pipelines.rouge import corpus_scores
 from pipelines.serving import SPEC, EnsembleModel, SummaryEnsembleModel, prediction_frame
@@ -98,6 +99,8 @@ def _sources(tracker: Tracker, cfg: EnsembleConfig, tmp: Path) -> list[Source]:
     if len({s.task for s in sources}) > 1:
         raise EnsembleError(f"the sources mix tasks ({', '.join(f'{s.run_id}: {s.task}' for s in sources)}): "
                             "pass runs of one task")
+    if sources[0].task == "summarization":
+        _check_summary_sources(sources)
     labels = sources[0].labels
     for source in sources[1:]:
         if source.labels != labels:
@@ -124,8 +127,8 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
     else:
         members, oof_path, score = [run_id], PREDICTIONS_ARTIFACT, run.data.metrics[f"final_{metric}"]
     try:
-        oof = pd.read_csv(tracker.download(run_id, oof_path, tmp / run_id), keep_default_na=False,
-                          dtype={c: str for c in ("label", "source", "reference", "generated")})
+        oof = read_artifact_csv(tracker.download(run_id, oof_path, tmp / run_id),
+                                ("label", "source", "reference", "generated"))
     except Exception as exc:  # noqa: BLE001 - missing or unreadable artifact
         raise EnsembleError(f"source run {run_id} has no readable {oof_path} ({exc})") from None
     # the value used is the value recorded: params may hold what `mlflow run -P` was given, not what was used
@@ -133,6 +136,31 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
     return Source(run_id, stage, members, oof.drop(columns=["fold", "predicted"], errors="ignore"), score,
                   tags.get("fingerprint", ""), tags.get("data_digest", ""), max_length, task,
                   settings.get("rouge_tokenizer", "whitespace"))
+
+
+def _check_summary_sources(sources: list[Source]) -> None:
+    """Summary sources are voted and scored with one ROUGE on one set of rows: the same recorded ``rouge_tokenizer``,
+    and the same source text and reference on every shared out-of-fold row."""
+    tokenizers = {s.run_id: s.rouge_tokenizer for s in sources}
+    if len(set(tokenizers.values())) > 1:
+        raise EnsembleError(f"the sources recorded different rouge_tokenizer settings ("
+                            f"{', '.join(f'{run}: {name}' for run, name in tokenizers.items())}): their ROUGE scores "
+                            "are not comparable; pass runs trained with one rouge_tokenizer")
+    rows = sorted(set.intersection(*(set(s.oof["row_id"]) for s in sources)))
+    if not rows:
+        raise EnsembleError("the sources share no out-of-fold rows: were they trained on the same data?")
+    first = sources[0].oof.set_index("row_id").loc[rows]
+    for source in sources[1:]:
+        frame = source.oof.set_index("row_id").loc[rows]
+        for column in ("source", "reference"):
+            differ = [row for row, a, b in zip(rows, first[column], frame[column]) if a != b]
+            if differ:
+                row = differ[0]
+                raise EnsembleError(
+                    f"sources {sources[0].run_id} and {source.run_id} have different {column} texts on {len(differ)} "
+                    f"of their {len(rows)} shared rows (row ids {differ[:10]}; row {row}: "
+                    f"{first.at[row, column][:80]!r} vs {frame.at[row, column][:80]!r}): they were not trained on "
+                    "the same data; pass runs of one data file")
 
 
 def fingerprint_inputs(cfg: EnsembleConfig, sources: list[Source]) -> dict:
@@ -200,12 +228,16 @@ def _log_model(tracker: Tracker, run_id: str, cfg: EnsembleConfig, members: list
 def _summary_evaluate_and_log(tracker: Tracker, run_id: str, cfg: EnsembleConfig, sources: list[Source],
                               tmp: Path) -> str:
     """Summarization: per input, the members' summary with the highest mean ROUGE to the others (minimum Bayes
-    risk). Scored on the shared out-of-fold rows with the sources' own OOF summaries as candidates."""
+    risk; ties go to the one agreeing most with the source text). Scored on the shared out-of-fold rows with the
+    sources' own OOF summaries as candidates."""
     tokenizer = sources[0].rouge_tokenizer
     rows = sorted(set.intersection(*(set(s.oof["row_id"]) for s in sources)))
     frames = [s.oof.set_index("row_id").loc[rows] for s in sources]
     candidates = [f["generated"].tolist() for f in frames]
-    chosen = [mbr_choice([c[i] for c in candidates], tokenizer) for i in range(len(rows))]
+    texts, runs = frames[0]["source"].tolist(), ",".join(s.run_id for s in sources)
+    chosen = [mbr_choice([c[i] for c in candidates], tokenizer, source=texts[i],
+                         setting=f"the summary vote of source_runs={runs} on out-of-fold row_id {row}")
+              for i, row in enumerate(rows)]
     references = frames[0]["reference"].tolist()
     metrics = {f"ensemble_{k}": v for k, v in corpus_scores(
         references, [candidates[c][i] for i, c in enumerate(chosen)], tokenizer).items()}

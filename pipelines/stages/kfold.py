@@ -29,7 +29,7 @@ def run(cfg: KFoldConfig) -> dict[str, float]:
     data = task.load(cfg)
     folds = task.folds(data, cfg)
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_training_model(cfg, Path(cache), task)
+        model = resolve_training_model(cfg, Path(cache), task, tracker, "kfold")
         ctx = open_stage("kfold", cfg, data, model, tracker)
         results, _ = cross_validate(ctx, folds)
         oof = pd.concat([r.predictions.assign(fold=i) for i, r in enumerate(results)]).sort_values("row_id")
@@ -91,8 +91,8 @@ def _fold(ctx: StageContext, fold: int, folds: list[np.ndarray], save_model: boo
         else:
             try:
                 result = _train_fold(ctx, fold, run_id, folds, lease, save_model)
-            except LeaseLost:
-                logger.error("fold %d was taken over by another worker: leaving it to them", fold)
+            except LeaseLost as exc:
+                logger.error("fold %d stopped (%s): leaving it to whoever takes it over", fold, exc)
                 ctx.tracker.forget(run_id)
                 return None
         ctx.tracker.finish(run_id)

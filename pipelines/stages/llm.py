@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import ConfigError, LlmConfig, LLMSettings
-from pipelines.data import DataError, Dataset, content_digest, read_table
+from pipelines.config import ConfigError, LlmConfig, LLMSettings, redact_url
+from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
 from pipelines.llm import Client, Ledger, canonical_request, load_template, statistics, template_fields
 from pipelines.models import ModelSource
-from pipelines.shards import Shards, finish
+from pipelines.shards import FAILURES, Shards, failures, finish
 from pipelines.stages.contract import StageContext, open_stage
 from pipelines.tracking import Tracker, state_storage
 
 logger = logging.getLogger(__name__)
-RESPONSES, FAILURES = "responses.csv", "failures.csv"
+RESPONSES = "responses.csv"
 
 
 def run(cfg: LlmConfig) -> dict[str, float]:
@@ -36,13 +36,11 @@ def run(cfg: LlmConfig) -> dict[str, float]:
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-llm-") as tmp:
         ctx = open_stage("llm", cfg, data, endpoint(cfg), tracker)
         with Session(ctx, cfg) as session:
-            shards = Shards(ctx, items, cfg.shard_size, Path(tmp), read=read_responses,
-                            accept=no_failures if cfg.retry_failed else None)
+            shards = Shards(ctx, items, cfg.shard_size, Path(tmp), cfg.retry_failed, read=read_responses)
             responses = shards.run(lambda rows: pd.concat([rows[["row_id"]], session.ask(rows["prompt"])], axis=1))
         metrics = statistics(responses, cfg)
-        failures = responses[responses["error"] != ""]
-        finish(ctx, {RESPONSES: responses, FAILURES: failures}, metrics)
-    report(ctx.parent_id, metrics)
+        finish(ctx, {RESPONSES: responses, FAILURES: failures(responses)}, metrics)
+    report("llm", ctx.parent_id, metrics)
     return metrics
 
 
@@ -64,8 +62,10 @@ def prompt_items(frame: pd.DataFrame, path: str, text_column: str, template: str
 
 
 def endpoint(cfg: LLMSettings) -> ModelSource:
-    """The endpoint and model as the stage's model identity (its fingerprint has base_url and llm_model)."""
-    return ModelSource(name=cfg.llm_model, path=cfg.base_url, digest=f"{cfg.base_url}#{cfg.llm_model}")
+    """The endpoint and model as the stage's model identity (its fingerprint has base_url, without credentials,
+    and llm_model)."""
+    url = redact_url(cfg.base_url)
+    return ModelSource(name=cfg.llm_model, path=url, digest=f"{url}#{cfg.llm_model}")
 
 
 class Session:
@@ -82,21 +82,19 @@ class Session:
     def __exit__(self, *exc_info) -> None:
         self.ledger.close()
 
-    def ask(self, prompts: pd.Series) -> pd.DataFrame:
+    def ask(self, prompts: pd.Series | list[str]) -> pd.DataFrame:
+        """One row of the client's columns per prompt, in order (``error`` non-empty where it finally failed)."""
         system = self.cfg.system_prompt
         return self.client.answer([canonical_request(p, self.cfg, system) for p in prompts])
 
 
 def read_responses(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"response": str, "error": str}, keep_default_na=False)
+    return read_artifact_csv(path, ("response", "error"))
 
 
-def no_failures(output: pd.DataFrame) -> bool:
-    return not (output["error"] != "").any()
-
-
-def report(run_id: str, metrics: dict[str, float]) -> None:
-    if metrics["failures"]:
-        logger.warning("llm run %s: %d of %d requests failed (see %s); resume with retry_failed=true to send only "
-                       "them again", run_id, metrics["failures"], metrics["requests"], FAILURES)
-    logger.info("llm run %s: %s", run_id, {k: round(v, 4) for k, v in metrics.items()})
+def report(stage: str, run_id: str, metrics: dict[str, float]) -> None:
+    """The run's metrics in the log, and a warning naming the failed requests of any stage that sends them."""
+    if metrics.get("failures"):
+        logger.warning("%s run %s: %d LLM requests failed (listed in %s of the run); resume with resume=true "
+                       "retry_failed=true to send only them again", stage, run_id, metrics["failures"], FAILURES)
+    logger.info("%s run %s: %s", stage, run_id, {k: round(v, 4) for k, v in metrics.items()})

@@ -22,7 +22,7 @@ def run(cfg: RetrainConfig) -> dict[str, float]:
     task = get_task(cfg.task)
     data = task.load(cfg)
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_training_model(cfg, Path(cache), task)
+        model = resolve_training_model(cfg, Path(cache), task, tracker, "retrain")
         ctx = open_stage("retrain", cfg, data, model, tracker)
         logger.info("retrain on all %d rows for %d epochs with %s", len(data), ctx.cfg.epochs,
                     {k: getattr(ctx.cfg, k) for k in ("learning_rate", "batch_size", "weight_decay")})

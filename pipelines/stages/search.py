@@ -3,8 +3,10 @@
 Each logical trial (see pipelines/study.py) is one child run tagged ``trial=<logical number>``, shared
 by all its attempts; the Optuna trial records its run id.  A trial that was running when its process
 died is failed and re-queued (immediately when its process on this host is gone, otherwise once its
-heartbeat is stale).  A trial that raised is marked FAILED in Optuna and MLflow (tag ``error``, the
-traceback under ``errors/``) and re-queued at most ``max_retries`` times.  A retry continues in the
+trial lease is older than that worker's own ``grace_period`` by the database's clock).  A holdout trial
+trains its run under the run's unit lease, so two attempts never train or prune one trial's run at once.
+A trial that raised is marked FAILED in Optuna and MLflow (tag ``error``, the traceback under
+``errors/``) and re-queued at most ``max_retries`` times.  A retry continues in the
 same MLflow run from the latest checkpoint (objective=holdout) or its finished folds (objective=cv).
 """
 
@@ -28,6 +30,7 @@ from transformers import AutoConfig, TrainerCallback
 from pipelines import plots
 from pipelines.config import ConfigError, OptunaConfig, fingerprint
 from pipelines.faults import raise_if
+from pipelines.leases import LeaseLost
 from pipelines.models import resolve_training_model
 from pipelines.rouge import score_rows
 from pipelines.stages.common import PREDICTIONS_ARTIFACT, fit_unit, log_once, upload_frame
@@ -43,6 +46,7 @@ from pipelines.study import (
     StudySettings,
     describe_error,
     grid_of,
+    grid_size,
     load_search_space,
     logical_numbers,
     logical_trials,
@@ -50,6 +54,8 @@ from pipelines.study import (
     optimize,
     recover_dead_trials,
     storage_for,
+    study_scope,
+    trial_budget,
 )
 from pipelines.tracking import Tracker, state_storage
 
@@ -63,7 +69,8 @@ class ReportToOptuna(TrainerCallback):
     """Report the validation metric to Optuna at each evaluation; stop training when pruned.
 
     The decision is tagged on the trial's run (``pruned_at_step``) before the checkpoint of that evaluation is
-    saved: a process killed after it must not come back and call a pruned trial complete.
+    saved: a process killed after it must not come back and call a pruned trial complete. The evaluation before
+    training (step 0, masked-LM's ``eval_on_start``) is the untrained model's: not reported, nothing to prune on.
     """
 
     def __init__(self, trial: optuna.Trial, metric: str, tracker: Tracker, run_id: str):
@@ -71,6 +78,8 @@ class ReportToOptuna(TrainerCallback):
         self.tracker, self.run_id = tracker, run_id
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.global_step == 0:
+            return
         step = round(state.epoch) if not args.eval_steps else state.global_step
         self.trial.report(metrics[f"eval_{self.metric}"], step)
         if self.trial.should_prune():
@@ -81,13 +90,15 @@ class ReportToOptuna(TrainerCallback):
 def run(cfg: OptunaConfig) -> dict:
     tunable = {name: getattr(cfg, name) for name in cfg.tunable()}
     space = load_search_space(cfg.search_space, tunable)
+    cfg.refuse_failing_trials(space)
     grid = grid_of(space) if cfg.sampler == "grid" else None
+    n_trials = trial_budget(cfg.n_trials, grid)
     task = get_task(cfg.task)
     data = task.load(cfg)
     folds = task.folds(data, cfg) if cfg.objective == "cv" else None
     valid = task.holdout(data, cfg) if cfg.objective != "cv" else None
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
-        model = resolve_training_model(cfg, Path(cache), task)
+        model = resolve_training_model(cfg, Path(cache), task, tracker, "optuna")
         if cfg.objective == "generate" and not is_seq2seq(AutoConfig.from_pretrained(model.path)):
             raise ConfigError(f"objective=generate scores a fine-tuned summarizer, and model {cfg.model} is an "
                               "encoder-only checkpoint; pass model=runs:/<train run id>/model")
@@ -106,24 +117,25 @@ def run(cfg: OptunaConfig) -> dict:
         study.set_user_attr("mlflow_parent_run_id", ctx.parent_id)
         lock = _study_lock(ctx, storage, study)
         with lock():
-            recovered = recover_dead_trials(study, storage)
+            recovered = recover_dead_trials(study, storage, ctx.leases)
         if ctx.resumed:
-            logger.info(_resume_summary(ctx, study, cfg.n_trials, recovered))
-        limits = SearchLimits(cfg.n_trials, cfg.max_retries, cfg.timeout, poll=min(cfg.heartbeat_interval, 5))
-        done = optimize(study, storage, _Objective(ctx, space, folds, valid, cfg.n_trials), limits, lock)
+            logger.info(_resume_summary(ctx, study, n_trials, recovered))
+        limits = SearchLimits(n_trials, cfg.max_retries, cfg.timeout, poll=min(cfg.heartbeat_interval, 5),
+                              max_trials=grid_size(grid) if grid else 0)
+        done = optimize(study, storage, _Objective(ctx, space, folds, valid, n_trials), limits, lock, ctx.leases)
         with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together report once
             summary = _report(ctx, study)
             if done or not ctx.others_working():
                 tracker.finish(ctx.parent_id)
         if not done:
             logger.warning("timeout=%ss reached: %d/%d trials finished; continue with resume=true", cfg.timeout,
-                           _finished(study), cfg.n_trials)
+                           _finished(study), n_trials)
     return summary
 
 
 def _study_lock(ctx: StageContext, storage, study: optuna.Study):
     """The lock under which every worker of this study creates, fails and re-queues trials (a lease)."""
-    scope = f"optuna-study-{storage.get_study_id_from_name(study.study_name)}"
+    scope = study_scope(study)
     return lambda: ctx.leases.wait_for(scope, "trials")
 
 
@@ -163,7 +175,7 @@ class _Objective:
             value, pruned = self._evaluate(trial, unit, run_id)
             if not math.isfinite(value):
                 raise ValueError(f"objective {ctx.cfg.metric} is {value}: the training diverged")
-        except optuna.TrialPruned:
+        except (optuna.TrialPruned, LeaseLost):  # lost: the trial's run is another worker's now, never touch it
             raise
         except Exception as exc:
             _record_failure(tracker, run_id, trial.number, exc)
@@ -194,8 +206,9 @@ class _Objective:
             is_valid = np.zeros(len(frame), dtype=bool)
             is_valid[self.valid] = True
             reporter = ReportToOptuna(trial, metric, unit.tracker, run_id)
-            result = fit_unit(unit, run_id, frame[~is_valid], frame[is_valid], None, callbacks=[reporter],
-                              save_model=False)
+            with unit.leases.wait_for(run_id, "unit") as lease:  # one attempt at a time trains the trial's run
+                result = fit_unit(unit, run_id, frame[~is_valid], frame[is_valid], lease, callbacks=[reporter],
+                                  save_model=False)
             pruned = reporter.pruned or PRUNED_TAG in unit.tracker.get_run(run_id).data.tags
             return result.metrics[metric], pruned
 

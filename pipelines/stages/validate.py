@@ -3,6 +3,8 @@ true labels or reference summaries, shard by shard (pipelines/shards.py).
 
 Running metrics are logged at step = items done; at the end the parent run gets the final metrics, ``scores.csv``
 (one row per item), ``worst_examples.csv`` and, for classification, ``per_class.csv`` and ``confusion_matrix.png``.
+A row without a reference (an empty label or summary) is left out of every metric, and out of the prediction work,
+and counted (``rows_without_reference``); validate refuses, before predicting anything, when no row has one.
 Predictions without their references (from `predict` or `llm`) are joined to ``data`` by ``row_id``; ``data``
 must then be the very file those predictions were made for (checked against the source run's data digest).
 """
@@ -20,12 +22,12 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
 from pipelines.config import ConfigError, NotFound, ValidateConfig
-from pipelines.data import DataError, Dataset, content_digest, read_table
+from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
 from pipelines.models import ModelSource
 from pipelines.rouge import SCORE_COLUMNS, check_tokenizer, score_rows
 from pipelines.shards import Shards, finish
 from pipelines.stages.contract import open_stage, recorded_settings
-from pipelines.stages.predict import load_model
+from pipelines.stages.predict import PREDICTION, Model, load_model
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -56,19 +58,20 @@ SOURCES = {
 def run(cfg: ValidateConfig) -> dict[str, float]:
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-val-") as tmp:
         if cfg.model_uri:
-            model = load_model(cfg, Path(tmp))
+            model = scoring_model(cfg, Path(tmp))
             cfg, source, items = model.cfg, model.source, references(cfg, cfg.data)
-            work = lambda rows: score(cfg, rows.assign(prediction=predicted(cfg, model, rows)))  # noqa: E731
+            work = lambda rows: score(cfg, rows.assign(prediction=predicted(model, rows)))  # noqa: E731
         else:
             source, items = predictions_of(cfg, tracker, Path(tmp))
             work = lambda rows: score(cfg, rows)  # noqa: E731
+        items, without = with_reference(cfg, items)
         if cfg.task == "summarization":
             check_tokenizer(items["reference"], cfg.rouge_tokenizer, "the references")
         data = Dataset(frame=items, labels=[], digest=content_digest(items, list(items.columns)))
         ctx = open_stage("validate", cfg, data, source, tracker)
         shards = Shards(ctx, items, cfg.shard_size, Path(tmp) / "shards", read=read_scores)
         scores = shards.run(work, running=lambda frame: summary(cfg, frame))
-        metrics = summary(cfg, scores)
+        metrics = {**summary(cfg, scores), "rows_without_reference": without}
         finish(ctx, {SCORES: scores, WORST: worst(cfg, scores), **reports(cfg, scores, ctx, Path(tmp))}, metrics)
     logger.info("validate run %s: %d items, %s", ctx.parent_id, len(scores), metrics)
     return metrics
@@ -90,14 +93,34 @@ def references(cfg: ValidateConfig, path: str, require_truth: bool = True) -> pd
                          "reference": frame[truth].fillna("").astype(str)})
 
 
-def predicted(cfg: ValidateConfig, model, rows: pd.DataFrame) -> pd.Series:
+def scoring_model(cfg: ValidateConfig, tmp: Path) -> Model:
+    """The model of ``model_uri``, refused before it predicts anything unless it does ``task``."""
+    model = load_model(cfg, tmp)
+    if model.task != cfg.task:
+        raise ConfigError(f"model_uri={cfg.model_uri} is a {model.task} model (as it recorded), not task={cfg.task}: "
+                          f"pass task={model.task}")
+    return model
+
+
+def predicted(model: Model, rows: pd.DataFrame) -> np.ndarray:
     """What ``model`` predicts for ``rows``: its label (classifier) or summary (summarizer)."""
-    output = model.predict(rows[["text"]])
-    column = "generated" if cfg.task == "summarization" else "label"
-    if column not in output.columns:
-        kind = "a summarizer" if "generated" in output.columns else "a classifier"
-        raise ConfigError(f"model_uri={cfg.model_uri} is {kind}, not a task={cfg.task} model: pass the other task")
-    return output[column].to_numpy()
+    return model.predict(rows[["text"]])[PREDICTION[model.task]].to_numpy()
+
+
+def with_reference(cfg: ValidateConfig, items: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The items that have a reference, and how many have none (scored by no metric); refused when none has one."""
+    missing = items["reference"].fillna("").astype(str).str.strip() == ""
+    setting = "label_column" if cfg.task == "classification" else "target_column"
+    where = f"data={cfg.data}, {setting}={getattr(cfg, setting)!r}"
+    if cfg.predictions_from:
+        where = f"the predictions of run {cfg.predictions_from}, with their references or those of {where}"
+    if missing.all():
+        raise DataError(f"no row has a reference to score against ({where}: empty in all {len(items)} rows); pass "
+                        f"data with the true values, or {setting}=<the column that holds them>")
+    if missing.any():
+        logger.warning("%d of %d rows have no reference (%s): left out of every metric, counted as "
+                       "rows_without_reference", int(missing.sum()), len(items), where)
+    return items[~missing].reset_index(drop=True), int(missing.sum())
 
 
 def predictions_of(cfg: ValidateConfig, tracker: Tracker, tmp: Path,
@@ -115,8 +138,7 @@ def predictions_of(cfg: ValidateConfig, tracker: Tracker, tmp: Path,
     if used.get("task", cfg.task) != cfg.task:
         raise ConfigError(f"run {cfg.predictions_from} is a task={used['task']} run; pass task={used['task']}")
     try:
-        frame = pd.read_csv(tracker.download(cfg.predictions_from, spec.artifact, tmp), keep_default_na=False,
-                            dtype=str)
+        frame = read_artifact_csv(tracker.download(cfg.predictions_from, spec.artifact, tmp))
     except Exception:  # noqa: BLE001 - missing artifact
         raise NotFound(f"run {cfg.predictions_from} has no {spec.artifact}: is it finished?") from None
     column = cfg.prediction_column or spec.prediction[cfg.task]
@@ -147,7 +169,8 @@ def _join_data(cfg: ValidateConfig, predictions: pd.DataFrame, run, stage: str, 
     if _digest_as(stage, used, cfg.data) != run.data.tags.get("data_digest"):
         raise DataError(f"data={cfg.data} is not the file {stage} run {run.info.run_id} made its predictions for (its "
                         "content differs): pass the same data file, or validate a fresh run of that file")
-    return predictions.merge(data, on="row_id", how="left", validate="one_to_one")
+    joined = predictions.merge(data, on="row_id", how="left", validate="one_to_one")
+    return joined.fillna({"text": "", "reference": ""})
 
 
 def _digest_as(stage: str, used: dict, path: str) -> str:
@@ -177,7 +200,14 @@ def summary(cfg: ValidateConfig, scores: pd.DataFrame) -> dict[str, float]:
         return {column: float(scores[column].mean()) for column in SCORE_COLUMNS}
     truth, predicted = scores["reference"].astype(str).str.strip(), scores["prediction"].astype(str).str.strip()
     return {"accuracy": float(accuracy_score(truth, predicted)),
-            "f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0))}
+            "f1_macro": float(f1_score(truth, predicted, labels=classes(truth, predicted), average="macro",
+                                       zero_division=0))}
+
+
+def classes(truth: pd.Series, predicted: pd.Series) -> list[str]:
+    """The classes macro-F1 averages over: every true or predicted label; an empty prediction (a failed request)
+    is a miss of its row's class, not a class of its own."""
+    return sorted((set(truth) | set(predicted)) - {""})
 
 
 def worst(cfg: ValidateConfig, scores: pd.DataFrame) -> pd.DataFrame:
@@ -189,8 +219,9 @@ def reports(cfg: ValidateConfig, scores: pd.DataFrame, ctx, tmp: Path) -> dict[s
     """Classification: the per-class report (returned, to log as CSV) and the confusion matrix (logged here)."""
     if cfg.task != "classification":
         return {}
-    truth, predicted = scores["reference"].astype(str), scores["prediction"].astype(str)
-    report = classification_report(truth, predicted, output_dict=True, zero_division=0)
+    truth, predicted = scores["reference"].astype(str).str.strip(), scores["prediction"].astype(str).str.strip()
+    report = classification_report(truth, predicted, labels=classes(truth, predicted), output_dict=True,
+                                   zero_division=0)
     per_class = pd.DataFrame(report).T.rename_axis("class").reset_index()
     _confusion_plot(truth, predicted, tmp / CONFUSION)
     ctx.tracker.upload(ctx.parent_id, tmp / CONFUSION)
@@ -214,4 +245,4 @@ def _confusion_plot(truth: pd.Series, predicted: pd.Series, path: Path) -> None:
 
 
 def read_scores(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"text": str, "reference": str, "prediction": str}, keep_default_na=False)
+    return read_artifact_csv(path, ("text", "reference", "prediction"))

@@ -14,7 +14,7 @@ from sklearn.model_selection import KFold, ShuffleSplit
 from transformers import Trainer, TrainerCallback
 
 from pipelines.config import StageConfig
-from pipelines.data import Dataset, DataError, read_table
+from pipelines.data import Dataset, DataError, read_artifact_csv, read_table
 
 logger = logging.getLogger(__name__)
 TRAINED_WITH = "pipelines.json"  # beside a saved model: how a stage trained it
@@ -79,7 +79,8 @@ class Task:
         (folder / TRAINED_WITH).write_text(json.dumps({"task": self.name, "max_length": self.input_length(cfg)}))
 
     def read_predictions(self, path: Path) -> pd.DataFrame:
-        return pd.read_csv(path, dtype=dict.fromkeys(self.text_columns, str), keep_default_na=False)
+        """A unit's predictions as logged: restored on resume, they equal the fresh ones (labels such as ``NA``)."""
+        return read_artifact_csv(path, self.text_columns)
 
 
 def read_columns(path: str, columns: dict[str, tuple[str, str]], task: str) -> pd.DataFrame:

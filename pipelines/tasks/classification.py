@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import torch
@@ -101,9 +99,6 @@ class Classification(Task):
                    "f1_macro": f1_score(valid["label_id"], predicted, average="macro"),
                    "loss": output.metrics["test_loss"]}
         return metrics, predictions
-
-    def read_predictions(self, path: Path) -> pd.DataFrame:
-        return pd.read_csv(path, dtype=dict.fromkeys(self.text_columns, str))
 
 
 TASK = Classification()

@@ -5,8 +5,9 @@ Training masks ``mlm_probability`` of the tokens of each example afresh every ep
 which the Trainer's prefetching of batches around a mid-epoch checkpoint would desynchronise, so a resumed run
 masks exactly as an uninterrupted one. ``whole_word_mask`` masks every token of a chosen word, a word being a
 run of text between spaces (for Korean, an eojeol); transformers then replaces every chosen token by the mask
-token (no 10 % random / 10 % kept). Validation rows are masked once, by ``seed`` and row id,
-every chosen token replaced by the mask token: the loss is comparable across epochs, resumes and folds, and
+token (no 10 % random / 10 % kept). Validation rows are masked once, by ``seed`` and row id, at
+``eval_mlm_probability`` (not the training ``mlm_probability``, which a search may vary), every chosen token
+replaced by the mask token: the loss is comparable across epochs, resumes, folds and trials, and
 ``top1_accuracy``/``top5_accuracy`` are fill-mask accuracies (the original token is the model's first / among
 its five first guesses at a masked position). ``eval_loss`` is the mean cross-entropy per masked token (not
 per batch) and ``perplexity`` its exp.
@@ -68,15 +69,19 @@ class MaskedDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def masking_collator(tokenizer, cfg: StageConfig, **kwargs) -> DataCollatorForLanguageModeling:
-    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability,
+def masking_collator(tokenizer, cfg: StageConfig, probability: float | None = None,
+                     **kwargs) -> DataCollatorForLanguageModeling:
+    """Masks ``probability`` of the tokens (default: the training ``mlm_probability``)."""
+    return DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability or cfg.mlm_probability,
                                            whole_word_mask=cfg.whole_word_mask, **kwargs)
 
 
 def mask_fixed(tokenizer, frame: pd.DataFrame, cfg: StageConfig) -> MaskedDataset:
-    """Each row masked by a generator seeded with (``seed``, row id), every chosen token replaced by the mask
-    token; a row where nothing was chosen gets its first word masked (every row counts)."""
-    collator = masking_collator(tokenizer, cfg, mask_replace_prob=1.0, random_replace_prob=0.0)
+    """Each row masked by a generator seeded with (``seed``, row id) at ``eval_mlm_probability`` (whatever
+    ``mlm_probability`` training uses), every chosen token replaced by the mask token; a row where nothing was
+    chosen gets its first word masked (every row counts)."""
+    collator = masking_collator(tokenizer, cfg, cfg.eval_mlm_probability, mask_replace_prob=1.0,
+                                random_replace_prob=0.0)
     tokens = TokenDataset(tokenizer, frame["text"].tolist(), cfg.max_length, offsets=cfg.whole_word_mask)
     items = []
     for i, row_id in enumerate(frame["row_id"].tolist()):
