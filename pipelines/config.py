@@ -99,8 +99,13 @@ class Settings:
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change results (the fingerprint's inputs, besides data and model digests)."""
-        return {f.name: self._redacted(f.name) for f in settings_fields(self)
-                if f.metadata["result"] and self.applies(f)}
+        settings = {f.name: self._redacted(f.name) for f in settings_fields(self)
+                    if f.metadata["result"] and self.applies(f)}
+        if settings.get("rouge_tokenizer", "default") != "default":
+            # the whitespace, char and morpheme tokenizers split punctuation off words since this version: a run
+            # scored by the old rules is refused on resume (listing rouge_rules) rather than mixing two yardsticks
+            settings["rouge_rules"] = ROUGE_RULES
+        return settings
 
     def _redacted(self, name: str) -> Any:
         value = getattr(self, name)
@@ -392,6 +397,9 @@ class KFoldConfig(StageConfig):
         super().__post_init__()
         if self.k_folds < 2:
             raise ConfigError(f"k_folds={self.k_folds} must be at least 2")
+
+
+ROUGE_RULES = "punctuation-split"  # the rules of the whitespace/char/morpheme ROUGE tokenizers
 
 
 def fingerprint(inputs: dict[str, Any]) -> str:

@@ -179,3 +179,12 @@ def test_rate_limiter_counts_korean_tokens_and_learns_the_providers_count(store,
     assert most * used <= 1000, f"{most} requests of {used} tokens reached the server within 0.9 s"
     reserved, _ = client._limiter.estimate(canonical_request(prompts[0], cfg, ""))
     assert used <= reserved <= 1.1 * used  # converged to the reported usage (it started at 1.5 a syllable)
+
+
+def test_an_augment_shard_of_an_older_version_without_an_error_column_is_read_with_no_failures(tmp_path):
+    from pipelines.stages.augment import ERROR, _read
+
+    path = tmp_path / "shard-0.csv"
+    path.write_text("source_row_id,method,text\n3,eda,NA\n")  # written before failures were listed
+    frame = _read(path)
+    assert frame[ERROR].tolist() == [""] and frame["text"].tolist() == ["NA"]

@@ -209,3 +209,17 @@ def test_augmentations_take_labels_from_the_current_data(tracker, tmp_path, tiny
     frame.to_csv(tmp_path / "edited.csv", index=False)
     with pytest.raises(ConfigError, match=rf"augment run {source} .*text of 2 rows .* \(row ids 3, 9\)"):
         augmentations(augment_context(tracker, tmp_path / "edited.csv", source), source)
+
+
+def test_runs_scored_by_the_old_tokenizer_rules_are_not_resumed_under_the_new_ones():
+    """A summarization run's fingerprint names the ROUGE rules of its tokenizer, so a run started before punctuation
+    was split off words is refused on resume (listing rouge_rules) instead of mixing two yardsticks."""
+    from pipelines.config import ROUGE_RULES, KFoldConfig, describe_differences, parse_config
+
+    new = parse_config(KFoldConfig, ["--task", "summarization", "--rouge_tokenizer", "whitespace"]).result_settings()
+    old = {k: v for k, v in new.items() if k != "rouge_rules"}
+    assert new["rouge_rules"] == ROUGE_RULES
+    assert describe_differences(old, new) == [f"rouge_rules: <unset> -> {ROUGE_RULES}"]
+    default = parse_config(KFoldConfig, ["--task", "summarization", "--rouge_tokenizer", "default"]).result_settings()
+    assert "rouge_rules" not in default  # rouge_score's own tokenizer did not change
+    assert "rouge_rules" not in parse_config(KFoldConfig, []).result_settings()  # classification: no ROUGE

@@ -150,4 +150,6 @@ def assemble(frame: pd.DataFrame, new: pd.DataFrame, text_column: str) -> pd.Dat
 
 
 def _read(path: Path) -> pd.DataFrame:
-    return read_artifact_csv(path, ("text", "method", ERROR))
+    frame = read_artifact_csv(path, ("text", "method", ERROR))
+    # a shard of an older version has no error column: it dropped its failed requests (a resume keeps them dropped)
+    return frame if ERROR in frame.columns else frame.assign(**{ERROR: ""})
