@@ -69,7 +69,8 @@ def redact_url(url: str) -> str:
     if query:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
         if any(SECRET_PARAM.search(key) for key, _ in pairs):
-            query = "&".join(f"{key}={'***' if SECRET_PARAM.search(key) else value}" for key, value in pairs)
+            query = urllib.parse.urlencode([(key, "***" if SECRET_PARAM.search(key) else value) for key, value in pairs],
+                                           safe="*")
     if (netloc, query) == (parts.netloc, parts.query):
         return url
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
@@ -101,10 +102,9 @@ class Settings:
         """The settings that change results (the fingerprint's inputs, besides data and model digests)."""
         settings = {f.name: self._redacted(f.name) for f in settings_fields(self)
                     if f.metadata["result"] and self.applies(f)}
-        if settings.get("rouge_tokenizer", "default") != "default":
-            # the whitespace, char and morpheme tokenizers split punctuation off words since this version: a run
-            # scored by the old rules is refused on resume (listing rouge_rules) rather than mixing two yardsticks
-            settings["rouge_rules"] = ROUGE_RULES
+        # rules that changed results of these settings in this version: a run made by the old rules is refused on
+        # resume (listing e.g. rouge_rules: <unset> -> punctuation-split) rather than mixing the two
+        settings.update({name: rules for name, (uses, rules) in CHANGED_RULES.items() if uses(settings)})
         return settings
 
     def _redacted(self, name: str) -> Any:
@@ -400,6 +400,15 @@ class KFoldConfig(StageConfig):
 
 
 ROUGE_RULES = "punctuation-split"  # the rules of the whitespace/char/morpheme ROUGE tokenizers
+CHANGED_RULES = {  # setting -> (whether a configuration's results depend on the rules, the rules' name)
+    # the whitespace, char and morpheme ROUGE tokenizers split punctuation off words
+    "rouge_rules": (lambda s: s.get("rouge_tokenizer", "default") != "default", ROUGE_RULES),
+    # layer-wise learning rates count an encoder-decoder's stacks apart (other optimizer parameter groups)
+    "layerwise_rules": (lambda s: s.get("task") == "summarization" and s.get("layerwise_lr_decay", 1.0) < 1.0,
+                        "per-stack"),
+    # sampler=grid gives logical trial n grid point n (before: a point drawn per trial, repeating some)
+    "grid_rules": (lambda s: s.get("sampler") == "grid", "point-per-trial"),
+}
 
 
 def fingerprint(inputs: dict[str, Any]) -> str:

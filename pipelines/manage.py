@@ -506,7 +506,7 @@ def search_direction(run: RunRecord) -> str:
     params = run.params
     if params.get("direction") in ("maximize", "minimize"):
         return params["direction"]
-    greater = task_metrics(params["task"]).get(params.get("metric", "")) if "task" in params else None
+    greater = task_metrics(params.get("task", "classification")).get(params.get("metric", ""))  # older: no task
     if greater is None:
         raise ConfigError(f"--direction auto: run {run.run_id} records no direction, task and metric to rank its "
                           f"best_value by (direction={params.get('direction')!r}, task={params.get('task')!r}, "

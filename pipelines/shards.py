@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines import faults
-from pipelines.data import DataError
+from pipelines.data import DataError, read_artifact_csv
 from pipelines.leases import Lease
 from pipelines.stages.common import share_units, upload_frame
 from pipelines.stages.contract import StageContext
@@ -39,11 +39,11 @@ class Shards:
 
     A shard's output may list failed rows (:func:`failures`); with ``retry_failed`` a done shard that has any
     is done again (the LLM ledger answers what was answered: only the failures are sent again). ``read`` parses
-    a shard's CSV (default: pandas' defaults).
+    a shard's CSV (default: ``read_artifact_csv``, every cell verbatim text).
     """
 
     def __init__(self, ctx: StageContext, items: pd.DataFrame, size: int, tmp: Path, retry_failed: bool = False,
-                 read: Callable[[Path], pd.DataFrame] = pd.read_csv):
+                 read: Callable[[Path], pd.DataFrame] = read_artifact_csv):
         self.ctx, self.items, self.size, self.tmp = ctx, items.reset_index(drop=True), size, tmp
         self.retry_failed, self.read = retry_failed, read
         self.running: Callable[[pd.DataFrame], dict[str, float]] | None = None

@@ -231,3 +231,10 @@ def test_min_new_tokens_above_max_new_tokens_is_refused_in_predict_settings(cls)
     with pytest.raises(ConfigError, match="min_new_tokens=40 exceeds max_new_tokens=20: lower min_new_tokens"):
         parse_config(cls, ["--model_uri", "runs:/x/model", "--min_new_tokens", "40", "--max_new_tokens", "20"])
     parse_config(cls, ["--model_uri", "runs:/x/model", "--min_new_tokens", "40"])  # 0: the model's own
+
+
+def test_redaction_keeps_the_other_query_values_as_written():
+    from pipelines.config import redact_url
+
+    assert redact_url("https://h/v1?a=b%26c&api_key=s3cret") == "https://h/v1?a=b%26c&api_key=***"
+    assert redact_url("https://h/v1?a=b%26c") == "https://h/v1?a=b%26c"

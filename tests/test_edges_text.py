@@ -223,3 +223,16 @@ def test_runs_scored_by_the_old_tokenizer_rules_are_not_resumed_under_the_new_on
     default = parse_config(KFoldConfig, ["--task", "summarization", "--rouge_tokenizer", "default"]).result_settings()
     assert "rouge_rules" not in default  # rouge_score's own tokenizer did not change
     assert "rouge_rules" not in parse_config(KFoldConfig, []).result_settings()  # classification: no ROUGE
+
+
+def test_runs_made_by_the_old_layerwise_or_grid_rules_are_not_resumed_under_the_new_ones():
+    """The same guard for the other two rules this version changed: an encoder-decoder's layer-wise learning rates
+    (other optimizer parameter groups: an old checkpoint's optimizer state would not fit) and grid point order."""
+    from pipelines.config import KFoldConfig, OptunaConfig, parse_config
+
+    seq2seq = parse_config(KFoldConfig, ["--task", "summarization", "--layerwise_lr_decay", "0.8"]).result_settings()
+    assert seq2seq["layerwise_rules"] == "per-stack"
+    encoder = parse_config(KFoldConfig, ["--layerwise_lr_decay", "0.8"]).result_settings()
+    assert "layerwise_rules" not in encoder  # an encoder's groups did not change: its runs keep their fingerprint
+    assert parse_config(OptunaConfig, ["--sampler", "grid"]).result_settings()["grid_rules"] == "point-per-trial"
+    assert "grid_rules" not in parse_config(OptunaConfig, ["--sampler", "tpe"]).result_settings()
