@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from helpers import wait_until
 from sqlalchemy import create_engine, text
 
 from pipelines.leases import LeaseLost, LeaseStore
@@ -29,15 +30,6 @@ def age(store: LeaseStore, seconds: float) -> None:
     """Make every heartbeat ``seconds`` older (as if its holder had gone quiet that long)."""
     with store.engine.begin() as conn:
         conn.execute(text("UPDATE pipelines_leases SET heartbeat = heartbeat - :s"), {"s": seconds})
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class Artifacts:

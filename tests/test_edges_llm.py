@@ -63,6 +63,14 @@ def sent_since(server: FakeLLM, before: Counter) -> Counter:
 # ---------------------------------------------------------------- item 14: one failure behaviour for every stage
 
 
+def assert_failures_listed(store, experiment: str, stage: str, rows: list[int], status: str, dst):
+    """The stage's one parent run, after checking its failures.csv lists exactly ``rows``, each with ``status``."""
+    [parent] = parents(store, experiment, stage)
+    failures = artifact_frame(store, parent.info.run_id, "failures.csv", dst)
+    assert list(failures["row_id"]) == rows and failures["error"].str.contains(status).all()
+    return parent
+
+
 def test_augment_lists_llm_failures_and_retry_failed_resends_only_them(store, server, tmp_path):
     texts = [f"row {i} 오늘 회의에서 예산 안건을 논의했다" for i in range(6)]
     pd.DataFrame({"text": texts, "label": list("ababab")}).to_csv(tmp_path / "d.csv", index=False)
@@ -71,9 +79,7 @@ def test_augment_lists_llm_failures_and_retry_failed_resends_only_them(store, se
     server.always_fail("row 4 ", 500)
     metrics = augment.run(cfg)
     assert metrics["failures"] == 1 and metrics["rows_llm_paraphrase"] == 5
-    [parent] = parents(store, "aug", "augment")
-    failures = artifact_frame(store, parent.info.run_id, "failures.csv", tmp_path / "f")
-    assert list(failures["row_id"]) == [4] and failures["error"].str.contains("500").all()
+    parent = assert_failures_listed(store, "aug", "augment", [4], "500", tmp_path / "f")
 
     before = Counter(server.received)
     assert augment.run(dataclasses.replace(cfg, resume=True))["failures"] == 1
@@ -99,9 +105,7 @@ def test_correct_lists_llm_failures_and_retry_failed_resends_only_them(store, se
     server.always_fail("보고서 2 ", 503)
     metrics = correct.run(cfg)
     assert metrics["failures"] == 1 and metrics["changed"] == 4
-    [parent] = parents(store, "c", "correct")
-    failures = artifact_frame(store, parent.info.run_id, "failures.csv", tmp_path / "f")
-    assert list(failures["row_id"]) == [2] and failures["error"].str.contains("503").all()
+    parent = assert_failures_listed(store, "c", "correct", [2], "503", tmp_path / "f")
     corrected = artifact_frame(store, parent.info.run_id, "corrected.csv", tmp_path / "c")
     assert corrected.loc[2, "chosen_from"] == "original" and "503" in corrected.loc[2, "error"]
 

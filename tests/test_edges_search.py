@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 from contextlib import nullcontext
 
 import pytest
+from helpers import run_together
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
@@ -54,11 +54,7 @@ def test_grid_runs_every_point_exactly_once_with_two_workers(tmp_path):
 
     grid_study(tmp_path)  # the study once before the workers start (a fresh database races)
     LeaseStore(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=20).close()
-    threads = [threading.Thread(target=worker) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    run_together(worker, 2)
     assert not errors, errors
     study, _ = grid_study(tmp_path)
     assert points(study) == sorted(itertools.product([1, 2, 3], [10, 20, 30]))

@@ -17,6 +17,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
+from helpers import wait_until
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -104,15 +105,6 @@ def put_row(store: LeaseStore, scope: str, unit: str, owner: str, heartbeat: flo
     with store.engine.begin() as conn:
         conn.execute(text("INSERT INTO pipelines_leases (scope, unit, owner, heartbeat) VALUES (:s, :u, :o, :h)"),
                       {"s": scope, "u": unit, "o": owner, "h": heartbeat})
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_owner_alive():

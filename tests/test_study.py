@@ -12,6 +12,7 @@ import time
 from contextlib import nullcontext
 
 import pytest
+from helpers import run_together
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -285,11 +286,7 @@ def test_three_concurrent_workers_never_share_a_logical_number(tmp_path):
 
     study_in(tmp_path, seed=2, grace_period=20)  # the study once before the workers start (a fresh database races)
     LeaseStore(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=20).close()
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    run_together(worker, 3)
     assert not errors and not overlaps
     study, _ = study_in(tmp_path, seed=2)
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials) == 8
