@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from pipelines.tasks.summarization import decode, generate, generation_config, load_summarizer  # noqa: E402
+from pipelines.generation import decode, generate, generation_config, load_summarizer  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -42,7 +42,7 @@ def build_model(name: str, folder: Path) -> Path:
 
         from pipelines.config import DEFAULT_MODEL
         from pipelines.models import resolve_model
-        from pipelines.tasks.summarization import warm_start
+        from pipelines.tasks.summarization.task import warm_start
 
         path = resolve_model(DEFAULT_MODEL, folder / "cache").path
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 
-from pipelines.config import Settings, UserError, parse_config
+from pipelines.config import Settings, parse_config
+from pipelines.errors import UserError
 from pipelines.leases import new_owner
 from pipelines.tracking import Interrupted, claim_launcher, install_signal_handlers
 

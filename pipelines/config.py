@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from pipelines.errors import ConfigError
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_DATA = str(Path(__file__).resolve().parent.parent / "data" / "fortunes_4class.csv")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -34,18 +36,6 @@ TASKS = ("classification", "summarization", "mlm")  # each has a module in pipel
 ROUGE_TOKENIZERS = ("whitespace", "char", "morpheme", "default")
 GENERATION = ("max_new_tokens", "min_new_tokens", "num_beams", "repetition_penalty", "length_penalty",
               "no_repeat_ngram_size")  # the result-affecting generation settings (one GenerationConfig)
-
-
-class UserError(ValueError):
-    """Bad input from the user: reported as one clear message (exit code 2), never a traceback."""
-
-
-class NotFound(UserError, LookupError):
-    """A run, artifact or model named by the user does not exist."""
-
-
-class ConfigError(UserError):
-    """A setting is invalid; the message names it and says what to do."""
 
 
 def setting(default: Any, help: str, *, result: bool = True, choices: tuple | None = None,
@@ -689,7 +679,7 @@ class LLMSettings(Settings):
 
 @dataclass
 class BatchConfig(Coordinated):
-    """Settings of every batch stage: items of a data file in resumable shards (pipelines/shards.py)."""
+    """Settings of every batch stage: items of a data file in resumable shards (pipelines/stages/shards.py)."""
 
     data: str = setting(DEFAULT_DATA, "CSV, JSONL or Parquet file with the items.", result=False)
     text_column: str = setting("text", "Column holding the input text.")

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from pipelines.config import UserError
+from pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,23 @@ def content_digest(frame: pd.DataFrame, columns: list[str]) -> str:
         h.update(("\t".join(map(str, row)) + "\n").encode())
     return h.hexdigest()[:16]
 
+
+
+def folder_digest(folder: Path, recursive: bool = False) -> str:
+    """Hash of the files that define a model folder, by name and content.
+
+    By default the top-level weights, config and tokenizer files of a transformers folder;
+    ``recursive=True`` hashes every file below ``folder`` (e.g. a pyfunc model with its members).
+    """
+    h = hashlib.sha256()
+    files = folder.rglob("*") if recursive else folder.iterdir()
+    wanted = None if recursive else (".json", ".txt", ".safetensors", ".bin", ".model")
+    for path in sorted(p for p in files if p.is_file() and (wanted is None or p.suffix in wanted)):
+        h.update(str(path.relative_to(folder)).encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 def fold_plan(dataset: Dataset, k_folds: int, seed: int) -> list[np.ndarray]:
     """Validation row positions of each fold (stratified, shuffled with ``seed``)."""

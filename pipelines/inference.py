@@ -53,7 +53,7 @@ class Summarizer:
 
 def load_summarizer_member(path: str | Path, max_length: int) -> Summarizer:
     """A seq2seq model saved by `train`/`kfold`, with its own saved generation settings."""
-    from pipelines.tasks.summarization import load_summarizer
+    from pipelines.generation import load_summarizer
 
     network, tokenizer = load_summarizer(path)
     return Summarizer(network, tokenizer, network.generation_config, max_length)
@@ -62,8 +62,8 @@ def load_summarizer_member(path: str | Path, max_length: int) -> Summarizer:
 def summarize_all(members: list[Summarizer], texts: list[str], batch_size: int, rouge_tokenizer: str) -> tuple:
     """Each member's summary of each text, then per text the minimum-Bayes-risk choice (ties: the summary agreeing
     most with the text, then the member most confident of its own summary): (summaries, chosen)."""
+    from pipelines.generation import generate
     from pipelines.mbr import mbr_choice
-    from pipelines.tasks.summarization import generate
 
     outputs = [generate(m.network, m.tokenizer, texts, m.config, batch_size, m.max_length) for m in members]
     chosen = []

@@ -47,8 +47,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import uuid4
 
-from sqlalchemy import (Column, Double, Integer, MetaData, String, Table, and_, cast, create_engine, delete, extract,
-                        func, insert, inspect, select, text, update)
+from sqlalchemy import (
+    Column,
+    Double,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    cast,
+    create_engine,
+    delete,
+    extract,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement

@@ -33,7 +33,8 @@ from sqlalchemy import Column, MetaData, String, Table, Text, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipelines import faults
-from pipelines.config import ConfigError, LLMSettings, redact_url
+from pipelines.config import LLMSettings, redact_url
+from pipelines.errors import ConfigError
 from pipelines.leases import create_table, make_engine
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ import pandas as pd
 from pipelines.checkpoints import EPOCH_TAG
 from pipelines.checkpoints import ROOT as CHECKPOINTS
 from pipelines.checkpoints import TAG as CHECKPOINT_TAG
-from pipelines.config import ConfigError, NotFound, UserError, task_metrics
+from pipelines.config import task_metrics
+from pipelines.errors import ConfigError, NotFound, UserError
 from pipelines.leases import TABLE as LEASE_TABLE
 from pipelines.leases import LeaseStore, make_engine, owner_alive
 from pipelines.tracking import WORKER_TAG, state_storage
@@ -49,7 +50,7 @@ STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 DEFAULT_GRACE = 30.0  # seconds; a stage run records its own grace_period param
 UNITS = {"kfold": ("fold", "k_folds"), "optuna": ("trial", "n_trials")}  # stage -> child unit tag, total param
 SINGLE_UNIT = ("train", "retrain", "tapt")  # the parent run is the one unit: progress in epochs
-SHARDS = "shards"  # pipelines/shards.py: shards/shard-<i>.json marks shard i done
+SHARDS = "shards"  # pipelines/stages/shards.py: shards/shard-<i>.json marks shard i done
 NOT_COMPARED = ("fingerprint",)  # a hash of the differing settings, which are listed themselves
 CONFIG_ARTIFACT = "config.json"  # a stage run's resolved settings and their `settings_source` (stages/contract.py)
 SUMMARY_METRIC = re.compile(r"^(cv_.+_(mean|std)|best_value|ensemble_.+|final_.+)$")

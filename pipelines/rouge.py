@@ -36,7 +36,7 @@ import pandas as pd
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rouge_tokenize
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 
 TOKENIZERS = ("whitespace", "char", "morpheme", "default")
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")

@@ -42,7 +42,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from pipelines import faults
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.leases import CREATE_RACES, Lease, LeaseLost, LeaseStore
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback
 
-from pipelines.config import ConfigError, StageConfig
+from pipelines.config import StageConfig
+from pipelines.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

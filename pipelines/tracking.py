@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipelines.config import ConfigError, NotFound
+from pipelines.errors import ConfigError, NotFound
 from pipelines.leases import CREATE_RACES
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from pipelines.config import NotFound
+from pipelines.errors import NotFound
 from pipelines.tracking import Tracker, tracking_uri
 
 logger = logging.getLogger(__name__)

@@ -19,8 +19,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from pipelines import faults, techniques, warmstart
 from pipelines.checkpoints import CheckpointStore
-from pipelines.config import StageConfig, UserError
+from pipelines.config import StageConfig
 from pipelines.data import Dataset
+from pipelines.errors import UserError
 from pipelines.models import ModelSource
 from pipelines.tasks import Task
 from pipelines.tracking import Tracker

@@ -30,7 +30,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from pipelines import tracking
 from pipelines.checkpoints import MANIFEST, TAG, verify
-from pipelines.config import ConfigError, StageConfig
+from pipelines.config import StageConfig
+from pipelines.data import folder_digest
+from pipelines.errors import ConfigError
 from pipelines.techniques import EMA
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,6 @@ def resolve_init(source: str, cache_dir: Path, ema: bool, epoch: str, snapshot: 
                  digest: str = "") -> InitWeights:
     """Fetch and check ``init_from`` before any run is created; a resume passes the ``runs:/`` URI of its run's
     snapshot and the ``digest`` recorded at its start instead (the source is not read again)."""
-    from pipelines.models import folder_digest  # models imports this module
-
     path = _download(snapshot, cache_dir) if snapshot else _fetch(source, cache_dir)
     if not any((path / name).is_file() for name in WEIGHTS):
         raise ConfigError(f"init_from={source}: {path} holds no weights ({' or '.join(WEIGHTS)}); pass a checkpoint "

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 from pipelines.config import (
-    CorrectConfig,
-    AugmentConfig,
     DEFAULT_DATA,
+    AugmentConfig,
+    CorrectConfig,
     EnsembleConfig,
     KFoldConfig,
     LlmConfig,

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.checkpoints import CheckpointStore
-from pipelines.training import _train
 from pipelines.tracking import Tracker
+from pipelines.training import _train
 
 
 @pytest.fixture

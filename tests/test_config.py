@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import ConfigError, KFoldConfig, TrainConfig, fingerprint, parse_config
+from pipelines.config import KFoldConfig, TrainConfig, fingerprint, parse_config
+from pipelines.errors import ConfigError
 
 
 def test_flags_are_typed():

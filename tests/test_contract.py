@@ -80,7 +80,7 @@ def test_resuming_with_another_state_database_is_refused(tracker, tmp_path):
 def test_stores_do_not_depend_on_the_working_folder(tmp_path, monkeypatch):
     from conftest import ROOT
 
-    from pipelines.config import ConfigError
+    from pipelines.errors import ConfigError
     from pipelines.tracking import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

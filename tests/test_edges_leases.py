@@ -133,7 +133,7 @@ def test_a_live_worker_missing_grace_period_of_heartbeats_stops_before_its_next_
 
 def test_a_stale_epoch_commits_nothing_after_the_takeover(tmp_path):
     from pipelines.checkpoints import CheckpointStore
-    from pipelines.shards import Shards
+    from pipelines.stages.shards import Shards
 
     url = f"sqlite:///{tmp_path}/leases.db"
     stalled, successor = LeaseStore(url, 5, 30), LeaseStore(url, 5, 30)

@@ -15,11 +15,12 @@ from helpers import artifact_frame, client
 from seq2seq_fixtures import make_tiny_bart, make_tiny_summaries
 from sklearn.metrics import accuracy_score, f1_score
 
-from pipelines.config import ConfigError, PredictConfig, UserError, ValidateConfig
+from pipelines.config import PredictConfig, ValidateConfig
 from pipelines.data import load_dataset
+from pipelines.errors import ConfigError, UserError
 from pipelines.stages import predict, validate
 from pipelines.tasks.base import TRAINED_WITH
-from pipelines.tasks.classification import TASK as CLASSIFICATION
+from pipelines.tasks.classification.task import TASK as CLASSIFICATION
 
 SPELLED_MISSING = ["NA", "None", "null", "N/A", "nan", "NULL", "#N/A", "01"]
 

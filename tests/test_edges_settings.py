@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 
 from pipelines.config import (
-    ConfigError,
     CorrectConfig,
     KFoldConfig,
     LlmConfig,
@@ -26,6 +25,7 @@ from pipelines.config import (
     parse_config,
 )
 from pipelines.data import Dataset
+from pipelines.errors import ConfigError
 from pipelines.models import ModelSource
 
 SECRET = "sk-EDGE-SECRET-1234567890"

@@ -187,7 +187,7 @@ def augment_context(tracker, data: Path, source: str):
 
 
 def test_augmentations_take_labels_from_the_current_data(tracker, tmp_path, tiny_data):
-    from pipelines.config import ConfigError
+    from pipelines.errors import ConfigError
     from pipelines.stages.augment import assemble
     from pipelines.stages.augmented import augmentations
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pipelines import techniques, training
-from pipelines.config import TaptConfig, TrainConfig, UserError, parse_config
+from pipelines.config import TaptConfig, TrainConfig, parse_config
+from pipelines.errors import UserError
 from pipelines.models import ModelSource
 from pipelines.tasks import get_task
 
@@ -117,10 +118,15 @@ def _groups(model) -> dict[int, set[str]]:
 
 
 def test_layerwise_groups_of_bert_bart_t5_and_a_bert2bert_warm_start(tiny_model):
-    from transformers import (AutoTokenizer, BartConfig, BartForConditionalGeneration, T5Config,
-                              T5ForConditionalGeneration)
+    from transformers import (
+        AutoTokenizer,
+        BartConfig,
+        BartForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
-    from pipelines.tasks.summarization import warm_start
+    from pipelines.tasks.summarization.task import warm_start
 
     bert = CLASSIFICATION.build(parse_config(TrainConfig, ["--model", str(tiny_model)]), str(tiny_model),
                                 SimpleNamespace(labels=["a", "b", "c"])).network
@@ -164,7 +170,7 @@ def _tapt(tiny_data, tiny_model, *extra: str) -> TaptConfig:
 def test_validation_masking_does_not_follow_the_training_masking(tiny_data, tiny_model):
     from transformers import AutoTokenizer
 
-    from pipelines.tasks.mlm import mask_fixed
+    from pipelines.tasks.mlm.task import mask_fixed
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     mlm = get_task("mlm")

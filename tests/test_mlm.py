@@ -13,7 +13,7 @@ from pipelines.config import TaptConfig, parse_config
 from pipelines.data import Dataset
 from pipelines.models import ModelError
 from pipelines.tasks import get_task
-from pipelines.tasks.mlm import masking_collator, mask_fixed
+from pipelines.tasks.mlm.task import mask_fixed, masking_collator
 from pipelines.training import _arguments
 
 TASK = get_task("mlm")
@@ -84,7 +84,7 @@ def test_fill_mask_accuracy_matches_an_independent_computation(mlm_setup, tmp_pa
 def test_training_masks_whole_korean_eojeols_by_seed_epoch_and_example():
     from transformers import DataCollatorForSeq2Seq
 
-    from pipelines.tasks.mlm import TokenDataset, _Collate
+    from pipelines.tasks.mlm.task import TokenDataset, _Collate
 
     texts = ["오늘은 날씨가 정말 좋아서 공원에 산책을 나갔습니다.", "이 영화는 배우들의 연기가 훌륭했어요!",
              "배송이 빨라서 만족스럽습니다", "다음에도 이 가게에서 주문하겠습니다."] * 10

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from pipelines import rouge
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.rouge import SCORE_COLUMNS, TOKENIZERS, check_tokenizer, corpus_scores, score_rows, tokenize
 
 KO_REF = "고양이가 매트 위에 앉았다"

@@ -18,7 +18,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy import text
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.leases import LeaseStore
 from pipelines.study import (
     ERROR_ATTR,

@@ -183,7 +183,7 @@ def test_encoder_only_checkpoint_is_warm_started_and_special_tokens_survive(warm
     assert "#Person2#" in tokenizer.tokenize("#Person1#: hi #Person2#")
     assert model.encoder.get_input_embeddings().num_embeddings == len(tokenizer)
     assert model.generation_config.num_beams == 2 and model.generation_config.max_new_tokens == 12
-    from pipelines.tasks.summarization import decode
+    from pipelines.generation import decode
 
     ids = tokenizer("#Person1# likes tea", add_special_tokens=True)["input_ids"]
     assert decode(tokenizer, [ids])[0] == ["#Person1# likes tea"]  # the speaker tag is text, [CLS]/[SEP] are not

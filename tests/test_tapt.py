@@ -118,8 +118,8 @@ def test_tapt_model_feeds_kfold_and_train_with_lineage(reference, tiny_data, tmp
 
 
 def test_tapt_refuses_a_model_without_masked_lm_form(tiny_data, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=10, n_embd=8, n_layer=1, n_head=1)).save_pretrained(folder)

@@ -121,11 +121,18 @@ def test_swa_final_model_is_the_mean_of_the_last_epochs(classifier):
 
 
 def test_layer_depths_of_other_architectures():
-    from transformers import (AlbertConfig, AlbertForMaskedLM, BartConfig, BartForConditionalGeneration,
-                              DistilBertConfig, DistilBertForSequenceClassification, T5Config,
-                              T5ForConditionalGeneration)
+    from transformers import (
+        AlbertConfig,
+        AlbertForMaskedLM,
+        BartConfig,
+        BartForConditionalGeneration,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
-    from pipelines.config import ConfigError
+    from pipelines.errors import ConfigError
 
     t5 = techniques.layer_depths(T5ForConditionalGeneration(
         T5Config(vocab_size=50, d_model=8, d_ff=16, num_layers=2, num_heads=1, d_kv=4)))

@@ -1,4 +1,4 @@
-"""`augment`: new rows made from the text of existing ones, in resumable shards (pipelines/shards.py).
+"""`augment`: new rows made from the text of existing ones, in resumable shards (pipelines/stages/shards.py).
 
 Methods: ``eda`` (pipelines/eda.py: deletion, swap, in-text insertion, punctuation; language-independent),
 ``back_translation`` (two seq2seq translation models), ``paraphrase`` (a seq2seq paraphrasing model) and
@@ -25,12 +25,12 @@ import pandas as pd
 from pipelines.config import AugmentConfig
 from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
 from pipelines.eda import augment_many
+from pipelines.generation import generate, generation_config, load_summarizer
 from pipelines.llm import load_template, template_fields
 from pipelines.models import ModelSource, resolve_model
-from pipelines.shards import ERROR, FAILURES, Shards, failures, finish
 from pipelines.stages.contract import open_stage
 from pipelines.stages.llm import Session, prompt_items, report
-from pipelines.tasks.summarization import generate, generation_config, load_summarizer
+from pipelines.stages.shards import ERROR, FAILURES, Shards, failures, finish
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipelines.config import ConfigError, NotFound
 from pipelines.data import read_artifact_csv
+from pipelines.errors import ConfigError, NotFound
 from pipelines.stages.contract import StageContext, recorded_settings
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from transformers import TrainerCallback
 from pipelines import plots
 from pipelines.checkpoints import CheckpointStore
 from pipelines.leases import Lease
-from pipelines.stages.augmented import with_augmentations
 from pipelines.models import resolve_training_model
+from pipelines.stages.augmented import with_augmentations
 from pipelines.stages.contract import StageContext, open_stage
 from pipelines.tasks import get_task
 from pipelines.tracking import Tracker

@@ -24,18 +24,9 @@ from importlib import metadata
 
 import numpy as np
 
-from pipelines.config import (
-    TUNABLE,
-    ConfigError,
-    Coordinated,
-    NotFound,
-    Settings,
-    UserError,
-    convert_value,
-    describe_differences,
-    fingerprint,
-)
+from pipelines.config import TUNABLE, Coordinated, Settings, convert_value, describe_differences, fingerprint
 from pipelines.data import Dataset
+from pipelines.errors import ConfigError, NotFound, UserError
 from pipelines.leases import Lease, LeaseStore, owner_alive
 from pipelines.models import ModelSource, record_sources
 from pipelines.study import redact

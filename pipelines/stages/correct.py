@@ -1,4 +1,4 @@
-"""`correct`: post-correction of the generated summaries of a run, in resumable shards (pipelines/shards.py).
+"""`correct`: post-correction of the generated summaries of a run, in resumable shards (pipelines/stages/shards.py).
 
 For each summary (``predictions_from``) and its source: ``quality_based`` scores the summary and the candidates
 of ``correction_models`` (each summarizes the source) by agreement (pipelines/mbr.py) and replaces a summary
@@ -23,16 +23,16 @@ import pandas as pd
 
 from pipelines.config import CorrectConfig, ValidateConfig
 from pipelines.data import Dataset, content_digest, read_artifact_csv
+from pipelines.generation import load_summarizer
 from pipelines.llm import load_template
 from pipelines.mbr import agreement, mbr_choice
 from pipelines.models import ModelSource, resolve_model
 from pipelines.rouge import check_tokenizer, corpus_scores
-from pipelines.shards import ERROR, FAILURES, Shards, failures, finish
 from pipelines.stages.augment import rewrite
 from pipelines.stages.contract import open_stage
 from pipelines.stages.llm import Session, report
+from pipelines.stages.shards import ERROR, FAILURES, Shards, failures, finish
 from pipelines.stages.validate import predictions_of
-from pipelines.tasks.summarization import load_summarizer
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)

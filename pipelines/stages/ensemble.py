@@ -28,8 +28,9 @@ from sklearn.model_selection import train_test_split
 
 import pipelines
 from pipelines import faults
-from pipelines.config import EnsembleConfig, NotFound, UserError
+from pipelines.config import EnsembleConfig
 from pipelines.data import read_artifact_csv
+from pipelines.errors import NotFound, UserError
 from pipelines.mbr import mbr_choice
 from pipelines.rouge import corpus_scores
 from pipelines.serving import SPEC, EnsembleModel, SummaryEnsembleModel, prediction_frame

@@ -1,6 +1,6 @@
 """`llm`: one chat completion per row of a data file, through any OpenAI-compatible endpoint.
 
-Rows are done in shards (pipelines/shards.py); within a shard each finished request is in the ledger
+Rows are done in shards (pipelines/stages/shards.py); within a shard each finished request is in the ledger
 (pipelines/llm.py), so a resumed run re-sends only the requests that had not returned. The parent run gets
 ``responses.csv`` (``row_id``, ``response``, token counts, ``latency_s``, ``error``, ``retries``),
 ``failures.csv`` (the rows whose request finally failed) and the request statistics as metrics.
@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import ConfigError, LlmConfig, LLMSettings, redact_url
+from pipelines.config import LlmConfig, LLMSettings, redact_url
 from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
+from pipelines.errors import ConfigError
 from pipelines.llm import Client, Ledger, canonical_request, load_template, statistics, template_fields
 from pipelines.models import ModelSource
-from pipelines.shards import FAILURES, Shards, failures, finish
 from pipelines.stages.contract import StageContext, open_stage
+from pipelines.stages.shards import FAILURES, Shards, failures, finish
 from pipelines.tracking import Tracker, state_storage
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """`predict`: batch predictions of any model for a data file; each shard of rows is a resumable unit.
 
-A shard's predictions are logged as ``shards/shard-<i>.csv`` (pipelines/shards.py) as soon as it is done;
+A shard's predictions are logged as ``shards/shard-<i>.csv`` (pipelines/stages/shards.py) as soon as it is done;
 a resumed run skips the shards already there. The parent run gets ``predictions.csv``: for a classifier (or a
 classification ensemble) ``row_id``, ``label``, ``prob_<class>``... and the predicted class distribution
 (``count_<label>``, ``pct_<label>``); for a summarizer (or a summary ensemble, with the ``member`` it chose)
@@ -24,16 +24,17 @@ import numpy as np
 import pandas as pd
 from transformers import AutoConfig
 
-from pipelines.config import GENERATION, ConfigError, PredictConfig
-from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
+from pipelines.config import GENERATION, PredictConfig
+from pipelines.data import DataError, Dataset, content_digest, folder_digest, read_artifact_csv, read_table
+from pipelines.errors import ConfigError
+from pipelines.generation import generate, generation_config, is_seq2seq, load_summarizer
 from pipelines.inference import load_member, predict_proba
-from pipelines.models import ModelError, ModelSource, folder_digest
+from pipelines.models import ModelError, ModelSource
 from pipelines.serving import prediction_frame, pyfunc_task, validate_texts
-from pipelines.shards import Shards, finish
 from pipelines.stages.common import PREDICTIONS_ARTIFACT
 from pipelines.stages.contract import open_stage
+from pipelines.stages.shards import Shards, finish
 from pipelines.tasks.base import TRAINED_WITH
-from pipelines.tasks.summarization import generate, generation_config, is_seq2seq, load_summarizer
 from pipelines.tracking import Tracker, download_model, load_pyfunc, registered_version
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pipelines.config import ConfigError, RetrainConfig
+from pipelines.config import RetrainConfig
+from pipelines.errors import ConfigError
 from pipelines.models import resolve_training_model
 from pipelines.stages.common import run_as_unit
 from pipelines.stages.contract import open_stage

@@ -28,16 +28,16 @@ from optuna.trial import TrialState
 from transformers import AutoConfig, TrainerCallback
 
 from pipelines import plots
-from pipelines.config import ConfigError, OptunaConfig, fingerprint
+from pipelines.config import OptunaConfig, fingerprint
+from pipelines.errors import ConfigError
 from pipelines.faults import raise_if
+from pipelines.generation import generate, generation_config, is_seq2seq, load_summarizer
 from pipelines.leases import LeaseLost
 from pipelines.models import resolve_training_model
 from pipelines.rouge import score_rows
 from pipelines.stages.common import PREDICTIONS_ARTIFACT, fit_unit, log_once, upload_frame
 from pipelines.stages.contract import BEST_PARAMS_ARTIFACT, StageContext, open_stage, upload_json
 from pipelines.stages.kfold import cross_validate
-from pipelines.tasks import get_task
-from pipelines.tasks.summarization import generate, generation_config, is_seq2seq, load_summarizer
 from pipelines.study import (
     ERROR_ATTR,
     FINISHED,
@@ -57,6 +57,7 @@ from pipelines.study import (
     study_scope,
     trial_budget,
 )
+from pipelines.tasks import get_task
 from pipelines.tracking import Tracker, state_storage
 
 logger = logging.getLogger(__name__)

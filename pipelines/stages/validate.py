@@ -1,5 +1,5 @@
 """`validate`: score a model (``model_uri``) or another run's predictions (``predictions_from``) against the
-true labels or reference summaries, shard by shard (pipelines/shards.py).
+true labels or reference summaries, shard by shard (pipelines/stages/shards.py).
 
 Running metrics are logged at step = items done; at the end the parent run gets the final metrics, ``scores.csv``
 (one row per item), ``worst_examples.csv`` and, for classification, ``per_class.csv`` and ``confusion_matrix.png``.
@@ -21,13 +21,14 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, classification_report, f1_score
 
-from pipelines.config import ConfigError, NotFound, ValidateConfig
+from pipelines.config import ValidateConfig
 from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
+from pipelines.errors import ConfigError, NotFound
 from pipelines.models import ModelSource
 from pipelines.rouge import SCORE_COLUMNS, check_tokenizer, score_rows
-from pipelines.shards import Shards, finish
 from pipelines.stages.contract import open_stage, recorded_settings
 from pipelines.stages.predict import PREDICTION, Model, load_model
+from pipelines.stages.shards import Shards, finish
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-from pipelines.config import TASKS, ConfigError
+from pipelines.config import TASKS
+from pipelines.errors import ConfigError
 from pipelines.tasks.base import Task
 
 
@@ -17,4 +18,4 @@ def get_task(name: str) -> Task:
     """The task module's ``TASK`` for ``name`` (``classification``, ``summarization``)."""
     if name not in TASKS:
         raise ConfigError(f"task={name!r} is not one of {', '.join(TASKS)}")
-    return importlib.import_module(f"pipelines.tasks.{name}").TASK
+    return importlib.import_module(f"pipelines.tasks.{name}.task").TASK

@@ -14,7 +14,7 @@ from sklearn.model_selection import KFold, ShuffleSplit
 from transformers import Trainer, TrainerCallback
 
 from pipelines.config import StageConfig
-from pipelines.data import Dataset, DataError, read_artifact_csv, read_table
+from pipelines.data import DataError, Dataset, read_artifact_csv, read_table
 
 logger = logging.getLogger(__name__)
 TRAINED_WITH = "pipelines.json"  # beside a saved model: how a stage trained it

@@ -33,8 +33,9 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from pipelines.config import ConfigError, StageConfig
+from pipelines.config import StageConfig
 from pipelines.data import Dataset, content_digest
+from pipelines.errors import ConfigError
 from pipelines.models import ModelError
 from pipelines.tasks.base import Built, Task, read_columns, shuffled_folds, shuffled_holdout
 

@@ -1,0 +1,1 @@
+"""`task=classification`: its settings (settings.py, no torch) and its Task (task.py)."""

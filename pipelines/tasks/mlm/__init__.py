@@ -1,0 +1,1 @@
+"""`task=mlm`: its settings (settings.py, no torch) and its Task (task.py)."""
