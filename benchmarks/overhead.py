@@ -46,8 +46,9 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from pipelines.config import TrainConfig, parse_config  # noqa: E402
+from pipelines.config import TrainConfig  # noqa: E402
 from pipelines.models import resolve_model  # noqa: E402
+from pipelines.settings import parse_config  # noqa: E402
 from pipelines.tasks import get_task  # noqa: E402
 
 DATA = ROOT / "data" / "fortunes_4class.csv"

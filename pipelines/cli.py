@@ -7,9 +7,9 @@ import logging
 import os
 import sys
 
-from pipelines.config import Settings, parse_config
 from pipelines.errors import UserError
 from pipelines.leases import new_owner
+from pipelines.settings import Settings, parse_config
 from pipelines.tracking import Interrupted, claim_launcher, install_signal_handlers
 
 logger = logging.getLogger("pipelines")

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
-from pipelines.config import GENERATION
 from pipelines.errors import ConfigError
+from pipelines.tasks.summarization.settings import GENERATION
 
 
 class _LengthNotice(logging.Filter):

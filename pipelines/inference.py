@@ -1,4 +1,5 @@
-"""Batched, weighted soft voting over fine-tuned sequence classifiers (torch only, no tracking)."""
+"""Batched, weighted soft voting over fine-tuned sequence classifiers (torch only, no tracking): the members of a
+classification ensemble, and the one model `predict` loads from a folder."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -43,47 +45,9 @@ def predict_proba(members: list[Member], texts: list[str], batch_size: int = 64)
     return total / sum(m.weight for m in members)
 
 
-@dataclass
-class Summarizer:
-    network: torch.nn.Module
-    tokenizer: object
-    config: object  # GenerationConfig: the one the model was trained and validated with
-    max_length: int
-
-
-def load_summarizer_member(path: str | Path, max_length: int) -> Summarizer:
-    """A seq2seq model saved by `train`/`kfold`, with its own saved generation settings."""
-    from pipelines.generation import load_summarizer
-
-    network, tokenizer = load_summarizer(path)
-    return Summarizer(network, tokenizer, network.generation_config, max_length)
-
-
-def summarize_all(members: list[Summarizer], texts: list[str], batch_size: int, rouge_tokenizer: str) -> tuple:
-    """Each member's summary of each text, then per text the minimum-Bayes-risk choice (ties: the summary agreeing
-    most with the text, then the member most confident of its own summary): (summaries, chosen)."""
-    from pipelines.generation import generate
-    from pipelines.mbr import mbr_choice
-
-    outputs = [generate(m.network, m.tokenizer, texts, m.config, batch_size, m.max_length) for m in members]
-    chosen = []
-    for i, text in enumerate(texts):
-        summaries = [out[i] for out in outputs]
-        chosen.append(mbr_choice(summaries, rouge_tokenizer, source=text,
-                                 scores=lambda text=text, summaries=summaries: own_scores(members, text, summaries),
-                                 setting=f"the summary ensemble's vote on input row {i}"))
-    return [outputs[c][i] for i, c in enumerate(chosen)], chosen
-
-
-@torch.no_grad()
-def own_scores(members: list[Summarizer], text: str, summaries: list[str]) -> list[float]:
-    """Each member's mean log-probability per token of its own summary of ``text`` (labels as in training: without
-    a leading decoder start token): its confidence, the last tie-break of the summary vote."""
-    scores = []
-    for member, summary in zip(members, summaries):
-        batch = member.tokenizer([text], truncation=True, max_length=member.max_length, return_tensors="pt")
-        ids = member.tokenizer(text_target=[summary])["input_ids"][0]
-        start = member.network.config.decoder_start_token_id
-        labels = torch.tensor([ids[1:] if len(ids) > 1 and ids[0] == start else ids])
-        scores.append(-float(member.network(**batch, labels=labels).loss))
-    return scores
+def prediction_frame(probs: np.ndarray, labels: list[str]) -> pd.DataFrame:
+    """``label`` (the most probable class) and ``prob_<class>`` per row of ``probs``."""
+    frame = pd.DataFrame({"label": [labels[i] for i in probs.argmax(axis=1)]})
+    for i, name in enumerate(labels):
+        frame[f"prob_{name}"] = probs[:, i]
+    return frame

@@ -19,13 +19,11 @@ import math
 import os
 import random
 import re
-import string
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import openai
 import pandas as pd
@@ -33,9 +31,10 @@ from sqlalchemy import Column, MetaData, String, Table, Text, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from pipelines import faults
-from pipelines.config import LLMSettings, redact_url
 from pipelines.errors import ConfigError
 from pipelines.leases import create_table, make_engine
+from pipelines.llm_settings import LLMSettings
+from pipelines.settings import redact_url
 
 logger = logging.getLogger(__name__)
 for _name in ("httpx", "httpx2"):  # one INFO line per request otherwise (openai 3 bundles httpx2)
@@ -54,25 +53,6 @@ _ledger = Table("pipelines_llm_ledger", _metadata,
 
 
 # ---------------------------------------------------------------- prompts and requests
-
-
-def load_template(value: str) -> str:
-    """``prompt_template`` (or ``system_prompt``): the text of a file when it names one, else the value itself."""
-    if value and "\n" not in value and len(value) < 1024 and Path(value).is_file():
-        return Path(value).read_text(encoding="utf-8")
-    return value
-
-
-def template_fields(template: str, setting: str = "prompt_template") -> list[str]:
-    """The ``{name}`` fields of a template; positional ``{}`` fields are refused."""
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as exc:
-        raise ConfigError(f"{setting} is not a valid template ({exc}); write fields as {{column}}, braces as "
-                          "{{ and }}") from None
-    if any(not name or name.isdigit() for name in names):
-        raise ConfigError(f"{setting} has a positional field {{}}; name the column, e.g. {{text}}")
-    return sorted(set(names))
 
 
 def canonical_request(prompt: str, cfg: LLMSettings, system_prompt: str) -> dict:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TextIO
 
 import pandas as pd
@@ -36,10 +37,10 @@ import pandas as pd
 from pipelines.checkpoints import EPOCH_TAG
 from pipelines.checkpoints import ROOT as CHECKPOINTS
 from pipelines.checkpoints import TAG as CHECKPOINT_TAG
-from pipelines.config import task_metrics
 from pipelines.errors import ConfigError, NotFound, UserError
 from pipelines.leases import TABLE as LEASE_TABLE
 from pipelines.leases import LeaseStore, make_engine, owner_alive
+from pipelines.tasks import task_settings
 from pipelines.tracking import WORKER_TAG, state_storage
 from pipelines.tracking_admin import AdminStore, RunRecord
 
@@ -144,7 +145,7 @@ class Liveness:
     def _url(self, root: RunRecord) -> str:
         """The lease database of a stage run: its ``optuna_storage`` tag (password removed: then --optuna-storage),
         or the default beside an SQLite tracking store."""
-        from pipelines.study import redact
+        from pipelines.settings import redact
 
         tag = root.tags.get("optuna_storage", "")
         if self.storage and (not tag or redact(self.storage) == tag):
@@ -507,7 +508,11 @@ def search_direction(run: RunRecord) -> str:
     params = run.params
     if params.get("direction") in ("maximize", "minimize"):
         return params["direction"]
-    greater = task_metrics(params.get("task", "classification")).get(params.get("metric", ""))  # older: no task
+    try:  # older runs record no task: classification
+        metrics = task_settings(params.get("task", "classification")).metrics(SimpleNamespace(**params))
+    except (ConfigError, AttributeError):  # an unknown task, or a task whose metrics need settings not recorded
+        metrics = {}
+    greater = metrics.get(params.get("metric", ""))
     if greater is None:
         raise ConfigError(f"--direction auto: run {run.run_id} records no direction, task and metric to rank its "
                           f"best_value by (direction={params.get('direction')!r}, task={params.get('task')!r}, "

@@ -1,9 +1,9 @@
-"""The ensembles as MLflow pyfunc models: member classifiers, vote weights, label map; or member summarizers.
+"""The ensembles as one MLflow pyfunc model: its spec names the task, whose ensemble strategy loads and predicts.
 
-(MLflow requires a pyfunc model class to subclass ``mlflow.pyfunc.PythonModel``: this is the one
-module besides tracking.py that imports mlflow.)  Members are loaded once in ``load_context``;
-``predict`` takes a DataFrame with a string column ``text`` and returns one row per input with
-``label`` and ``prob_<class>`` columns (a summary ensemble: ``summary`` and the ``member`` chosen).
+(MLflow requires a pyfunc model class to subclass ``mlflow.pyfunc.PythonModel``: this is the one module besides
+tracking.py that imports mlflow.)  Members are loaded once in ``load_context``; ``predict`` takes a DataFrame with a
+string column ``text`` and returns one row per input with the task's columns (classification: ``label`` and
+``prob_<class>``; summarization: ``summary`` and the ``member`` chosen; see pipelines/tasks/ensemble.py).
 """
 
 from __future__ import annotations
@@ -15,50 +15,48 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from pipelines.inference import load_member, load_summarizer_member, predict_proba, summarize_all
+from pipelines.inference import prediction_frame
+from pipelines.tasks import get_task
 
 SPEC = "ensemble.json"
+TASK_METADATA = "pipelines_task"  # the MLmodel metadata key naming the task of an ensemble logged by this version
+__all__ = ["SPEC", "TASK_METADATA", "EnsembleModel", "SummaryEnsembleModel", "prediction_frame", "pyfunc_task",
+           "validate_texts"]
 
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):
-        spec = json.loads(Path(context.artifacts["spec"]).read_text())
-        self.labels, self.batch_size = spec["labels"], spec.get("batch_size", 64)
-        self.members = [load_member(context.artifacts[m["name"]], m["weight"], self.labels, m["max_length"])
-                        for m in spec["members"]]
+    """Any task's ensemble: the ``ensemble`` strategy of the task ``spec["task"]`` loads the members and predicts."""
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        texts = validate_texts(model_input)
-        probs = predict_proba(self.members, texts, self.batch_size)
-        return prediction_frame(probs, self.labels)
-
-
-class SummaryEnsembleModel(mlflow.pyfunc.PythonModel):
-    """Member summarizers; per input, the summary with the highest mean ROUGE to the other members' (MBR)."""
+    default_task = "classification"  # of a spec naming none: logged before specs named their task
 
     def load_context(self, context):
         spec = json.loads(Path(context.artifacts["spec"]).read_text())
-        self.batch_size, self.rouge_tokenizer = spec.get("batch_size", 16), spec["rouge_tokenizer"]
-        self.members = [load_summarizer_member(context.artifacts[m["name"]], m["max_length"])
-                        for m in spec["members"]]
+        self.predictor = get_task(spec.get("task", self.default_task)).ensemble.load(spec, context.artifacts)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        summaries, chosen = summarize_all(self.members, validate_texts(model_input), self.batch_size,
-                                          self.rouge_tokenizer)
-        return pd.DataFrame({"summary": summaries, "member": chosen})
+        return self.predictor.predict(validate_texts(model_input))
 
 
-# the output columns each pyfunc model above records in its signature, and so the task it does
+class SummaryEnsembleModel(EnsembleModel):
+    """Summary ensembles logged before specs named their task: their pickles name this class."""
+
+    default_task = "summarization"
+
+
+# the output columns each task's ensemble records in its signature: how models that record no task are read
 OUTPUTS = {"classification": ("label",), "summarization": ("summary", "member")}
 
 
 def pyfunc_task(path: str | Path) -> str | None:
-    """The task of the pyfunc model saved in ``path``, read from the output columns its MLmodel signature records
-    (classification ensemble: ``label``, ``prob_<class>``...; summary ensemble: ``summary``, ``member``); None when
-    it records neither."""
+    """The task of the pyfunc model saved in ``path``: the one its MLmodel metadata records, else the one
+    the output columns of its signature name (classification ensemble: ``label``, ``prob_<class>``...; summary
+    ensemble: ``summary``, ``member``); None when it records neither."""
     from mlflow.models import Model
 
-    schema = Model.load(str(path)).get_output_schema()
+    model = Model.load(str(path))
+    if (model.metadata or {}).get(TASK_METADATA):
+        return model.metadata[TASK_METADATA]
+    schema = model.get_output_schema()
     names = set(schema.input_names()) if schema is not None and schema.has_input_names() else set()
     tasks = [task for task, columns in OUTPUTS.items() if names.issuperset(columns)]
     return tasks[0] if len(tasks) == 1 else None
@@ -75,10 +73,3 @@ def validate_texts(model_input) -> list[str]:
     if bad:
         raise MlflowException.invalid_parameter_value(f"'text' must be a string in every row; rows {bad[:10]} are not")
     return model_input["text"].tolist()
-
-
-def prediction_frame(probs, labels: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame({"label": [labels[i] for i in probs.argmax(axis=1)]})
-    for i, name in enumerate(labels):
-        frame[f"prob_{name}"] = probs[:, i]
-    return frame

@@ -44,6 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipelines import faults
 from pipelines.errors import ConfigError
 from pipelines.leases import CREATE_RACES, Lease, LeaseLost, LeaseStore
+from pipelines.settings import redact
 
 logger = logging.getLogger(__name__)
 # heartbeats, retries and the matplotlib plots are "experimental" in Optuna 5; we rely on them knowingly
@@ -246,16 +247,6 @@ class StudySettings:
     heartbeat_interval: int
     grace_period: int
     grid: dict[str, list] | None = None
-
-
-def redact(url: str) -> str:
-    """The storage URL with any password removed."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a SQLAlchemy URL: show only its scheme
-        return url.split("://", 1)[0] + "://..."
 
 
 def storage_for(settings: StudySettings) -> RDBStorage:

@@ -15,10 +15,10 @@ import contextlib
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from transformers import Trainer, TrainerCallback
 
@@ -182,12 +182,11 @@ def averaging_callbacks(cfg: StageConfig, checkpoint: Path | None) -> list[Weigh
     return []
 
 
-def install(cfg: StageConfig, trainer: Trainer, train: pd.DataFrame, averages: list[WeightAverage],
-            labels: int) -> None:
-    """Hook the loss, the optimizer and EMA evaluation into ``trainer`` as the settings ask."""
-    if cfg.task == "classification" and (cfg.loss == "focal" or cfg.class_weights == "balanced"):
-        weights = balanced_weights(train["label_id"].to_numpy(), labels) if cfg.class_weights == "balanced" else None
-        trainer.compute_loss_func = FocalLoss(cfg.focal_gamma if cfg.loss == "focal" else 0.0, weights)
+def install(cfg: StageConfig, trainer: Trainer, averages: list[WeightAverage], loss: Callable | None = None) -> None:
+    """Hook the loss (the task's, when it has one: ``Task.loss``), the optimizer and EMA evaluation into
+    ``trainer`` as the settings ask."""
+    if loss is not None:
+        trainer.compute_loss_func = loss
     if cfg.layerwise_lr_decay < 1.0:
         trainer.optimizer = layerwise_optimizer(trainer, cfg.layerwise_lr_decay)
     for average in averages:

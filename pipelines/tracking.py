@@ -487,8 +487,9 @@ def registered_version(uri: str) -> str:
 
 
 def log_pyfunc(run_id: str, python_model, artifacts: dict[str, str], input_example, output_example,
-               code_paths: list[str]) -> str:
-    """Log a pyfunc model named ``model`` from run ``run_id``, which stays RUNNING; returns its ``models:/`` URI."""
+               code_paths: list[str], metadata: dict | None = None) -> str:
+    """Log a pyfunc model named ``model`` from run ``run_id``, which stays RUNNING; returns its ``models:/`` URI.
+    ``metadata`` is recorded in its MLmodel file."""
     from mlflow.models import infer_signature
 
     launcher = os.environ.get("MLFLOW_RUN_ID")
@@ -501,6 +502,7 @@ def log_pyfunc(run_id: str, python_model, artifacts: dict[str, str], input_examp
             code_paths=code_paths,
             signature=infer_signature(input_example, output_example),
             input_example=input_example,
+            metadata=metadata,
         )
     finally:
         mlflow.end_run(status="RUNNING")  # leave the fluent run without ending ``run_id``: the stage ends it

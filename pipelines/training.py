@@ -23,7 +23,7 @@ from pipelines.config import StageConfig
 from pipelines.data import Dataset
 from pipelines.errors import UserError
 from pipelines.models import ModelSource
-from pipelines.tasks import Task
+from pipelines.tasks.base import Task
 from pipelines.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class RefuseNonFinite(TrainerCallback):
         cfg = self.cfg
         suspects = [f"learning_rate={cfg.learning_rate:g} too high (lower it, or raise warmup_ratio="
                     f"{cfg.warmup_ratio:g})"]
-        if cfg.task == "classification" and cfg.loss == "focal":
+        if getattr(cfg, "loss", "") == "focal":  # a setting of the tasks that train with the focal loss
             suspects.append(f"loss=focal with focal_gamma={cfg.focal_gamma:g}")
         dtype = next(model.parameters()).dtype if model is not None else torch.float32
         if dtype != torch.float32:
@@ -148,7 +148,7 @@ def fit(
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = task.trainer(cfg, built, _arguments(cfg, output_dir, validate=valid is not None), train, valid,
                            callbacks)
-    techniques.install(cfg, trainer, train, averages, len(data.labels))
+    techniques.install(cfg, trainer, averages, task.loss(cfg, data, train))
     start = checkpoint or _continue_from(cfg, model, trainer, work_dir)
     if checkpoint is not None:
         trainer.args.eval_on_start = False  # the evaluation before training was logged by the first attempt

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.config import KFoldConfig, TrainConfig, fingerprint, parse_config
+from pipelines.config import KFoldConfig, TrainConfig
 from pipelines.errors import ConfigError
+from pipelines.settings import fingerprint, parse_config
 
 
 def test_flags_are_typed():

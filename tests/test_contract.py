@@ -11,8 +11,8 @@ import pytest
 
 from pipelines.config import KFoldConfig
 from pipelines.leases import LeaseStore
+from pipelines.settings import redact
 from pipelines.stages import contract
-from pipelines.study import redact
 from pipelines.tracking import Tracker, state_storage
 
 

@@ -42,7 +42,7 @@ def units(monkeypatch):
                      "weights": init and (init.path / "model.safetensors").read_bytes()})
         if len(seen) == 1:
             raise RuntimeError("killed mid-training")
-        return FitResult(metrics={name: 0.5 for name in ctx.task.summary_metrics}, predictions=None)
+        return FitResult(metrics={name: 0.5 for name in ctx.task.metrics(ctx.cfg)}, predictions=None)
 
     monkeypatch.setattr(common, "fit_unit", fit_unit)
     return seen

@@ -186,6 +186,43 @@ def test_predict_and_validate_take_the_summary_ensemble(summary_ensemble, summar
     assert _runs(in_store, "wrong") == []  # refused before any run, any prediction
 
 
+def test_an_ensemble_whose_spec_names_no_task_still_loads_and_the_metadata_task_wins(classifier, folder):
+    """Ensembles registered by earlier versions pickled ``EnsembleModel`` (a classification ensemble; the summary
+    ones ``SummaryEnsembleModel``, above) with a spec without ``task``: they load and vote as before. The task a
+    newer model records in its MLmodel metadata is read before its signature."""
+    import mlflow.pyfunc
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipelines.serving import SPEC, TASK_METADATA, EnsembleModel, pyfunc_task
+
+    labels = [json.loads((classifier / "config.json").read_text())["id2label"][str(i)] for i in range(2)]
+    (folder / "old-spec").mkdir()
+    (folder / "old-spec" / SPEC).write_text(json.dumps({"labels": labels, "batch_size": 4, "members": [
+        {"name": "member-0", "run_id": "r", "source": "s", "weight": 1.0, "max_length": 8}]}))
+    texts = pd.DataFrame({"text": ["The computer crashed again during the long budget vote.", "Vote!"]})
+    output = pd.DataFrame({"label": labels, **{f"prob_{label}": [0.5, 0.5] for label in labels}})
+    mlflow.pyfunc.save_model(folder / "old-ensemble", python_model=EnsembleModel(), pip_requirements=[],
+                             signature=infer_signature(texts, output),
+                             artifacts={"spec": str(folder / "old-spec" / SPEC), "member-0": str(classifier)})
+    out = mlflow.pyfunc.load_model(str(folder / "old-ensemble")).predict(texts)
+    tokenizer, network = AutoTokenizer.from_pretrained(classifier), AutoModelForSequenceClassification.from_pretrained(
+        classifier)
+    with torch.no_grad():  # the member alone, truncated to the spec's max_length
+        batch = tokenizer(texts["text"].tolist(), truncation=True, max_length=8, padding=True, return_tensors="pt")
+        probs = torch.softmax(network(**batch).logits.double(), dim=-1).numpy()
+    assert list(out.columns) == ["label", *(f"prob_{label}" for label in labels)]
+    np.testing.assert_allclose(out[[f"prob_{label}" for label in labels]].to_numpy(), probs, rtol=0, atol=1e-9)
+    assert out["label"].tolist() == [labels[i] for i in probs.argmax(axis=1)]
+    assert pyfunc_task(folder / "old-ensemble") == "classification"  # read from its signature
+
+    mlflow.pyfunc.save_model(folder / "recorded", python_model=EnsembleModel(), pip_requirements=[],
+                             signature=infer_signature(texts, output), metadata={TASK_METADATA: "summarization"})
+    assert pyfunc_task(folder / "recorded") == "summarization"
+
+
 def test_predict_refuses_a_model_of_unknown_kind_before_any_run(classifier, tiny_data, folder, in_store):
     import mlflow.pyfunc
 

@@ -22,11 +22,11 @@ from pipelines.config import (
     PredictConfig,
     TrainConfig,
     ValidateConfig,
-    parse_config,
 )
 from pipelines.data import Dataset
 from pipelines.errors import ConfigError
 from pipelines.models import ModelSource
+from pipelines.settings import parse_config
 
 SECRET = "sk-EDGE-SECRET-1234567890"
 
@@ -132,7 +132,7 @@ def test_settings_source_is_provenance_not_a_result_setting():
 
 
 def test_base_url_credentials_never_reach_params_config_or_fingerprint(tracking, monkeypatch):
-    from pipelines.config import fingerprint
+    from pipelines.settings import fingerprint
     from pipelines.stages.llm import endpoint
     from pipelines.tracking import Tracker
 
@@ -234,7 +234,7 @@ def test_min_new_tokens_above_max_new_tokens_is_refused_in_predict_settings(cls)
 
 
 def test_redaction_keeps_the_other_query_values_as_written():
-    from pipelines.config import redact_url
+    from pipelines.settings import redact_url
 
     assert redact_url("https://h/v1?a=b%26c&api_key=s3cret") == "https://h/v1?a=b%26c&api_key=***"
     assert redact_url("https://h/v1?a=b%26c") == "https://h/v1?a=b%26c"

@@ -106,18 +106,17 @@ def test_correct_vote_with_one_correction_model_can_change_the_summary(monkeypat
 
 
 def test_two_member_summary_ensemble_is_not_always_member_0(monkeypatch):
-    from pipelines import inference
-    from pipelines.tasks import summarization
+    from pipelines.tasks.summarization import mbr_vote
 
     outputs = {"a": ["배송이 늦어 고객이 불만을 제기했다"], "b": ["고객이 노트북 환불을 요청했고 상담원이 처리했다"]}
-    monkeypatch.setattr(summarization, "generate", lambda network, *args: outputs[network])
+    monkeypatch.setattr(mbr_vote, "generate", lambda network, *args: outputs[network])
     members = [SimpleNamespace(network=name, tokenizer=None, config=None, max_length=64) for name in ("a", "b")]
-    summaries, chosen = inference.summarize_all(members, [KO_SOURCE], 4, "whitespace")
+    summaries, chosen = mbr_vote.summarize_all(members, [KO_SOURCE], 4, "whitespace")
     assert chosen == [1] and summaries == outputs["b"]
     # neither shares a word with the source: the member most confident of its own summary wins
     outputs.update(a=["날씨 맑음"], b=["주가 상승"])
-    monkeypatch.setattr(inference, "own_scores", lambda members, text, summaries: [-3.0, -1.5])
-    assert inference.summarize_all(members, [KO_SOURCE], 4, "whitespace") == (["주가 상승"], [1])
+    monkeypatch.setattr(mbr_vote, "own_scores", lambda members, text, summaries: [-3.0, -1.5])
+    assert mbr_vote.summarize_all(members, [KO_SOURCE], 4, "whitespace") == (["주가 상승"], [1])
 
 
 # ---------------------------------------------------------------- real stores with recorded runs
@@ -214,7 +213,8 @@ def test_augmentations_take_labels_from_the_current_data(tracker, tmp_path, tiny
 def test_runs_scored_by_the_old_tokenizer_rules_are_not_resumed_under_the_new_ones():
     """A summarization run's fingerprint names the ROUGE rules of its tokenizer, so a run started before punctuation
     was split off words is refused on resume (listing rouge_rules) instead of mixing two yardsticks."""
-    from pipelines.config import ROUGE_RULES, KFoldConfig, describe_differences, parse_config
+    from pipelines.config import KFoldConfig
+    from pipelines.settings import ROUGE_RULES, describe_differences, parse_config
 
     new = parse_config(KFoldConfig, ["--task", "summarization", "--rouge_tokenizer", "whitespace"]).result_settings()
     old = {k: v for k, v in new.items() if k != "rouge_rules"}
@@ -228,7 +228,8 @@ def test_runs_scored_by_the_old_tokenizer_rules_are_not_resumed_under_the_new_on
 def test_runs_made_by_the_old_layerwise_or_grid_rules_are_not_resumed_under_the_new_ones():
     """The same guard for the other two rules this version changed: an encoder-decoder's layer-wise learning rates
     (other optimizer parameter groups: an old checkpoint's optimizer state would not fit) and grid point order."""
-    from pipelines.config import KFoldConfig, OptunaConfig, parse_config
+    from pipelines.config import KFoldConfig, OptunaConfig
+    from pipelines.settings import parse_config
 
     seq2seq = parse_config(KFoldConfig, ["--task", "summarization", "--layerwise_lr_decay", "0.8"]).result_settings()
     assert seq2seq["layerwise_rules"] == "per-stack"

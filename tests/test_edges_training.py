@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from pipelines import techniques, training
-from pipelines.config import TaptConfig, TrainConfig, parse_config
+from pipelines.config import TaptConfig, TrainConfig
 from pipelines.errors import UserError
 from pipelines.models import ModelSource
+from pipelines.settings import parse_config
 from pipelines.tasks import get_task
 
 CLASSIFICATION = get_task("classification")

@@ -25,10 +25,11 @@ from helpers import artifact_text, children, client, free_port, metric_steps, pa
 from sklearn.metrics import f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipelines.config import EnsembleConfig, fingerprint
+from pipelines.config import EnsembleConfig
+from pipelines.settings import fingerprint
 from pipelines.stages import contract
 from pipelines.stages import ensemble as stage
-from pipelines.stages.ensemble import fit_weights, heldout_report, heldout_split
+from pipelines.tasks.voting import fit_weights, heldout_report, heldout_split
 
 pytestmark = pytest.mark.slow
 LONG = "The senator said that the new computer for the science lab crashed again during the budget vote last week."

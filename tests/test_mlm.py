@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import make_wordpiece_tokenizer
 
-from pipelines.config import TaptConfig, parse_config
+from pipelines.config import TaptConfig
 from pipelines.data import Dataset
 from pipelines.models import ModelError
+from pipelines.settings import parse_config
 from pipelines.tasks import get_task
 from pipelines.tasks.mlm.task import mask_fixed, masking_collator
 from pipelines.training import _arguments

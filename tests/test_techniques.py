@@ -8,7 +8,8 @@ import torch
 from transformers import TrainerCallback
 
 from pipelines import techniques
-from pipelines.config import TrainConfig, parse_config
+from pipelines.config import TrainConfig
+from pipelines.settings import parse_config
 from pipelines.tasks import get_task
 from pipelines.training import _arguments
 
@@ -53,10 +54,18 @@ def classifier(tiny_data, tiny_model, tmp_path):
     return make
 
 
+def test_classification_supplies_the_focal_loss_with_balanced_weights(classifier):
+    cfg, data, _, _ = classifier("--loss", "focal", "--focal_gamma", "1.5", "--class_weights", "balanced")
+    loss = TASK.loss(cfg, data, data.frame)
+    expected = techniques.balanced_weights(data.frame["label_id"].to_numpy(), len(data.labels))
+    assert loss.gamma == 1.5 and torch.equal(loss.weights, expected)
+    assert TASK.loss(classifier()[0], data, data.frame) is None  # cross-entropy, unweighted: the model's own loss
+
+
 def test_layerwise_decay_gives_each_layer_its_learning_rate(classifier):
     cfg, data, built, args = classifier("--layerwise_lr_decay", "0.5", "--weight_decay", "0.01")
     trainer = TASK.trainer(cfg, built, args, data.frame, None, [])
-    techniques.install(cfg, trainer, data.frame, [], len(data.labels))
+    techniques.install(cfg, trainer, [])
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in trainer.optimizer.param_groups for p in g["params"]}
     named = dict(built.network.named_parameters())
 
@@ -96,7 +105,7 @@ def _train_with(classifier, *settings: str):
     averages = techniques.averaging_callbacks(cfg, None)
     # the snapshots first: they record the weights each step leaves, which the averages then take in
     trainer = TASK.trainer(cfg, built, args, data.frame, None, [snapshots, *averages])
-    techniques.install(cfg, trainer, data.frame, averages, len(data.labels))
+    techniques.install(cfg, trainer, averages)
     trainer.train()
     return built.network, initial, snapshots
 

@@ -26,7 +26,7 @@ from pipelines.config import AugmentConfig
 from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
 from pipelines.eda import augment_many
 from pipelines.generation import generate, generation_config, load_summarizer
-from pipelines.llm import load_template, template_fields
+from pipelines.llm_settings import load_template, template_fields
 from pipelines.models import ModelSource, resolve_model
 from pipelines.stages.contract import open_stage
 from pipelines.stages.llm import Session, prompt_items, report

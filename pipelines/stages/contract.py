@@ -24,13 +24,15 @@ from importlib import metadata
 
 import numpy as np
 
-from pipelines.config import TUNABLE, Coordinated, Settings, convert_value, describe_differences, fingerprint
+from pipelines.config import TUNABLE
 from pipelines.data import Dataset
 from pipelines.errors import ConfigError, NotFound, UserError
 from pipelines.leases import Lease, LeaseStore, owner_alive
 from pipelines.models import ModelSource, record_sources
-from pipelines.study import redact
-from pipelines.tasks import Task, get_task
+from pipelines.settings import Coordinated, Settings, convert_value, describe_differences, fingerprint, redact
+from pipelines.tasks import get_task
+from pipelines.tasks.base import Task
+from pipelines.tasks.recorded import check_same_task
 from pipelines.tracking import UNFINISHED, WORKER_TAG, Tracker, model_source_run, state_storage
 
 logger = logging.getLogger(__name__)
@@ -356,9 +358,9 @@ def _params_source(cfg, tracker: Tracker) -> tuple[str, str, dict]:
         raise NotFound(f"params_from={cfg.params_from}: run {source} is a {stage or 'non-stage'} run; pass an "
                        "optuna or kfold run id (or latest)")
     used = recorded_settings(tracker, source)
-    if used.get("task", "classification") != cfg.task:
-        raise ConfigError(f"params_from={cfg.params_from}: run {source} trained task={used.get('task')}, this stage "
-                          f"task={cfg.task}; pass a {cfg.task} run, or task={used.get('task')}")
+    recorded = used.get("task", "classification")  # runs of versions without tasks trained classifiers
+    check_same_task(recorded, cfg.task, f"params_from={cfg.params_from}: run {source} trained task={recorded}, "
+                                        f"this stage task={cfg.task}; pass a {cfg.task} run, or task={recorded}")
     return source, stage, used
 
 

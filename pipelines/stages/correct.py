@@ -24,7 +24,7 @@ import pandas as pd
 from pipelines.config import CorrectConfig, ValidateConfig
 from pipelines.data import Dataset, content_digest, read_artifact_csv
 from pipelines.generation import load_summarizer
-from pipelines.llm import load_template
+from pipelines.llm_settings import load_template
 from pipelines.mbr import agreement, mbr_choice
 from pipelines.models import ModelSource, resolve_model
 from pipelines.rouge import check_tokenizer, corpus_scores

@@ -1,9 +1,9 @@
-"""`ensemble`: weighted soft voting over kfold/train runs, logged and registered as one pyfunc model.
+"""`ensemble`: one pyfunc model from kfold/train runs of one task, logged and registered.
 
-A *source* is a kfold parent run (all its fold models, averaged equally) or a train run (its one
-model). Vote weights are per source: `equal`, `score` (each source's validation metric, normalised)
-or `optimized` (a point of the probability simplex fitted on the sources' out-of-fold predictions
-to maximise `metric`; reported against `score` and `equal` on rows the fit did not see).
+A *source* is a kfold parent run (all its fold models, averaged equally) or a train run (its one model). How the
+sources vote is their task's (``Task.ensemble``, pipelines/tasks/ensemble.py): classifiers by weighted soft voting
+(pipelines/tasks/voting.py), summarizers by minimum Bayes risk (pipelines/tasks/summarization/mbr_vote.py). The
+served model is pipelines/serving.py's ``EnsembleModel``, its spec ``ensemble.json`` naming the task.
 
 The stage is resumable like every other (docs/architecture.md §3). Its steps, each done at most once per
 ensemble run: log params and metrics, log the pyfunc model, register it as a new version of
@@ -18,25 +18,18 @@ import json
 import logging
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
-from sklearn.metrics import accuracy_score, f1_score
-from sklearn.model_selection import train_test_split
 
 import pipelines
 from pipelines import faults
 from pipelines.config import EnsembleConfig
-from pipelines.data import read_artifact_csv
-from pipelines.errors import NotFound, UserError
-from pipelines.mbr import mbr_choice
-from pipelines.rouge import corpus_scores
-from pipelines.serving import SPEC, EnsembleModel, SummaryEnsembleModel, prediction_frame
+from pipelines.errors import NotFound
+from pipelines.serving import SPEC, TASK_METADATA, EnsembleModel
 from pipelines.stages.common import PREDICTIONS_ARTIFACT, log_once
 from pipelines.stages.contract import open_run, recorded_settings, upload_json
 from pipelines.stages.kfold import OOF_ARTIFACT
+from pipelines.tasks import TASKS, get_task
+from pipelines.tasks.ensemble import Ensemble, EnsembleError, Source
 from pipelines.tracking import (
     Tracker,
     log_pyfunc,
@@ -48,29 +41,6 @@ from pipelines.tracking import (
 
 logger = logging.getLogger(__name__)
 STAGE = "ensemble"
-METRICS = {"accuracy": accuracy_score, "f1_macro": lambda y, p: f1_score(y, p, average="macro")}
-
-
-class EnsembleError(UserError):
-    """A source or member cannot be used, or a resume request cannot be honoured; the message says why."""
-
-
-@dataclass
-class Source:
-    run_id: str
-    stage: str
-    members: list[str]  # run ids holding a `model/` artifact
-    oof: pd.DataFrame  # row_id, label, prob_<class>...
-    score: float
-    fingerprint: str
-    data_digest: str
-    max_length: int  # as the source run recorded it in its config.json (the value its models were trained with)
-    task: str = "classification"
-    rouge_tokenizer: str = "whitespace"
-
-    @property
-    def labels(self) -> list[str]:
-        return [c.removeprefix("prob_") for c in self.oof.columns if c.startswith("prob_")]
 
 
 def run(cfg: EnsembleConfig) -> dict[str, float]:
@@ -96,20 +66,25 @@ def run(cfg: EnsembleConfig) -> dict[str, float]:
 
 
 def _sources(tracker: Tracker, cfg: EnsembleConfig, tmp: Path) -> list[Source]:
-    sources = [_source(tracker, run_id, cfg.metric, tmp) for run_id in cfg.source_ids()]
+    sources = [_source(tracker, run_id, cfg, tmp) for run_id in cfg.source_ids()]
     if len({s.task for s in sources}) > 1:
         raise EnsembleError(f"the sources mix tasks ({', '.join(f'{s.run_id}: {s.task}' for s in sources)}): "
                             "pass runs of one task")
-    if sources[0].task == "summarization":
-        _check_summary_sources(sources)
-    labels = sources[0].labels
-    for source in sources[1:]:
-        if source.labels != labels:
-            raise EnsembleError(f"source {source.run_id} predicts {source.labels}, {sources[0].run_id} {labels}")
+    _strategy(sources[0].task, sources[0].run_id).check(sources)
     return sources
 
 
-def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
+def _strategy(task: str, run_id: str) -> Ensemble:
+    """The ensemble strategy of ``task``, or a refusal naming the source run of that task."""
+    strategy = get_task(task).ensemble
+    if strategy is None:
+        able = [name for name in TASKS if get_task(name).ensemble is not None]
+        raise EnsembleError(f"source run {run_id} is a task={task} run, and that task has no ensemble: pass kfold or "
+                            f"train runs of a task that has one ({', '.join(able)})")
+    return strategy
+
+
+def _source(tracker: Tracker, run_id: str, cfg: EnsembleConfig, tmp: Path) -> Source:
     try:
         run = tracker.get_run(run_id)
     except NotFound as exc:
@@ -118,9 +93,10 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
     if run.info.status != "FINISHED" or stage not in ("kfold", "train"):
         raise EnsembleError(f"source run {run_id} is a {stage or 'non-stage'} run with status {run.info.status}; "
                             "pass FINISHED kfold or train runs")
+    # the value used is the value recorded: params may hold what `mlflow run -P` was given, not what was used
     settings = recorded_settings(tracker, run_id)
-    task = settings.get("task", "classification")
-    metric = metric if task == "classification" else "rouge_mean"
+    task = get_task(settings.get("task", "classification"))
+    metric = _strategy(task.name, run_id).metric(cfg)
     if stage == "kfold":
         folds = sorted(tracker.child_runs(run_id, "fold").items(), key=lambda kv: int(kv[0]))
         members = [r.info.run_id for _, r in folds if r.info.status == "FINISHED"]
@@ -128,40 +104,11 @@ def _source(tracker: Tracker, run_id: str, metric: str, tmp: Path) -> Source:
     else:
         members, oof_path, score = [run_id], PREDICTIONS_ARTIFACT, run.data.metrics[f"final_{metric}"]
     try:
-        oof = read_artifact_csv(tracker.download(run_id, oof_path, tmp / run_id),
-                                ("label", "source", "reference", "generated"))
+        oof = task.read_predictions(tracker.download(run_id, oof_path, tmp / run_id))
     except Exception as exc:  # noqa: BLE001 - missing or unreadable artifact
         raise EnsembleError(f"source run {run_id} has no readable {oof_path} ({exc})") from None
-    # the value used is the value recorded: params may hold what `mlflow run -P` was given, not what was used
-    max_length = int(settings["max_length" if task == "classification" else "max_source_length"])
-    return Source(run_id, stage, members, oof.drop(columns=["fold", "predicted"], errors="ignore"), score,
-                  tags.get("fingerprint", ""), tags.get("data_digest", ""), max_length, task,
-                  settings.get("rouge_tokenizer", "whitespace"))
-
-
-def _check_summary_sources(sources: list[Source]) -> None:
-    """Summary sources are voted and scored with one ROUGE on one set of rows: the same recorded ``rouge_tokenizer``,
-    and the same source text and reference on every shared out-of-fold row."""
-    tokenizers = {s.run_id: s.rouge_tokenizer for s in sources}
-    if len(set(tokenizers.values())) > 1:
-        raise EnsembleError(f"the sources recorded different rouge_tokenizer settings ("
-                            f"{', '.join(f'{run}: {name}' for run, name in tokenizers.items())}): their ROUGE scores "
-                            "are not comparable; pass runs trained with one rouge_tokenizer")
-    rows = sorted(set.intersection(*(set(s.oof["row_id"]) for s in sources)))
-    if not rows:
-        raise EnsembleError("the sources share no out-of-fold rows: were they trained on the same data?")
-    first = sources[0].oof.set_index("row_id").loc[rows]
-    for source in sources[1:]:
-        frame = source.oof.set_index("row_id").loc[rows]
-        for column in ("source", "reference"):
-            differ = [row for row, a, b in zip(rows, first[column], frame[column]) if a != b]
-            if differ:
-                row = differ[0]
-                raise EnsembleError(
-                    f"sources {sources[0].run_id} and {source.run_id} have different {column} texts on {len(differ)} "
-                    f"of their {len(rows)} shared rows (row ids {differ[:10]}; row {row}: "
-                    f"{first.at[row, column][:80]!r} vs {frame.at[row, column][:80]!r}): they were not trained on "
-                    "the same data; pass runs of one data file")
+    return Source(run_id, stage, task.name, members, oof, score, settings, int(settings[task.input_length_setting]),
+                  tags.get("fingerprint", ""), tags.get("data_digest", ""))
 
 
 def fingerprint_inputs(cfg: EnsembleConfig, sources: list[Source]) -> dict:
@@ -196,137 +143,22 @@ def _publish(tracker: Tracker, run_id: str, cfg: EnsembleConfig, sources: list[S
 
 def _evaluate_and_log(tracker: Tracker, run_id: str, cfg: EnsembleConfig, sources: list[Source], tmp: Path) -> str:
     """Weights and metrics on the shared out-of-fold rows, then the pyfunc model; returns its URI."""
-    if sources[0].task == "summarization":
-        return _summary_evaluate_and_log(tracker, run_id, cfg, sources, tmp)
-    labels = sources[0].labels
-    rows, y, probs = _align(sources, labels)
-    weights, report = _weights(cfg, sources, probs, y)
+    task = sources[0].task
+    strategy = _strategy(task, sources[0].run_id)
+    weights, report = strategy.weigh(cfg, sources)
     members = _download_members(tracker, sources, weights, cfg.skip_missing, tmp)
     # the weights of the model actually registered (renormalised if skip_missing dropped a source)
     weights = [sum(m["weight"] for m in members if m["source"] == s.run_id) for s in sources]
-    tracker.log_params(run_id, {"oof_rows": len(rows),
-                                **{f"weight_{s.run_id}": round(w, 6) for s, w in zip(sources, weights)}})
-    metrics = {**report, **_scores("ensemble", mix(weights, probs), y)}
-    for i, p in enumerate(probs):
-        metrics.update(_scores(f"source{i}", p, y))
-    log_once(tracker, run_id, metrics)
-    return _log_model(tracker, run_id, cfg, members, labels, tmp)
-
-
-def _log_model(tracker: Tracker, run_id: str, cfg: EnsembleConfig, members: list[dict], labels: list[str],
-               tmp: Path) -> str:
-    spec = {"labels": labels, "batch_size": cfg.eval_batch_size,
-            "members": [{k: m[k] for k in ("name", "run_id", "source", "weight", "max_length")} for m in members]}
-    upload_json(tracker, run_id, SPEC, spec)
-    spec_path = tmp / SPEC
-    spec_path.write_text(json.dumps(spec, indent=2))
-    example = pd.DataFrame({"text": ["an example sentence", "another one"]})
-    output = prediction_frame(np.full((2, len(labels)), 1.0 / len(labels)), labels)
-    return log_pyfunc(run_id, EnsembleModel(), {"spec": str(spec_path), **{m["name"]: m["path"] for m in members}},
-                      example, output, code_paths=[str(Path(pipelines.__file__).parent)])
-
-
-def _summary_evaluate_and_log(tracker: Tracker, run_id: str, cfg: EnsembleConfig, sources: list[Source],
-                              tmp: Path) -> str:
-    """Summarization: per input, the members' summary with the highest mean ROUGE to the others (minimum Bayes
-    risk; ties go to the one agreeing most with the source text). Scored on the shared out-of-fold rows with the
-    sources' own OOF summaries as candidates."""
-    tokenizer = sources[0].rouge_tokenizer
-    rows = sorted(set.intersection(*(set(s.oof["row_id"]) for s in sources)))
-    frames = [s.oof.set_index("row_id").loc[rows] for s in sources]
-    candidates = [f["generated"].tolist() for f in frames]
-    texts, runs = frames[0]["source"].tolist(), ",".join(s.run_id for s in sources)
-    chosen = [mbr_choice([c[i] for c in candidates], tokenizer, source=texts[i],
-                         setting=f"the summary vote of source_runs={runs} on out-of-fold row_id {row}")
-              for i, row in enumerate(rows)]
-    references = frames[0]["reference"].tolist()
-    metrics = {f"ensemble_{k}": v for k, v in corpus_scores(
-        references, [candidates[c][i] for i, c in enumerate(chosen)], tokenizer).items()}
-    for i, summaries in enumerate(candidates):
-        metrics.update({f"source{i}_{k}": v for k, v in corpus_scores(references, summaries, tokenizer).items()})
-    members = _download_members(tracker, sources, [1.0] * len(sources), cfg.skip_missing, tmp)
-    tracker.log_params(run_id, {"oof_rows": len(rows), "selection": "minimum Bayes risk (ROUGE)"})
-    log_once(tracker, run_id, metrics)
-    spec = {"rouge_tokenizer": tokenizer, "batch_size": cfg.eval_batch_size,
-            "members": [{k: m[k] for k in ("name", "run_id", "source", "max_length")} for m in members]}
+    metrics, params = strategy.evaluate(cfg, sources, weights)
+    tracker.log_params(run_id, params)
+    log_once(tracker, run_id, {**report, **metrics})
+    spec = {"task": task, **strategy.spec(cfg, sources, members)}
     upload_json(tracker, run_id, SPEC, spec)
     (tmp / SPEC).write_text(json.dumps(spec, indent=2))
-    example = pd.DataFrame({"text": ["an example document", "another one"]})
-    output = pd.DataFrame({"summary": ["a summary", "another"], "member": [0, 0]})
-    return log_pyfunc(run_id, SummaryEnsembleModel(), {"spec": str(tmp / SPEC), **{m["name"]: m["path"]
-                                                                                     for m in members}},
-                      example, output, code_paths=[str(Path(pipelines.__file__).parent)])
-
-
-# ---------------------------------------------------------------- weights
-
-
-def _align(sources: list[Source], labels: list[str]):
-    """Rows predicted out-of-fold by every source: row ids, true label ids, one probability matrix per source."""
-    rows = sorted(set.intersection(*(set(s.oof["row_id"]) for s in sources)))
-    if not rows:
-        raise EnsembleError("the sources share no out-of-fold rows: were they trained on the same data?")
-    frames = [s.oof.set_index("row_id").loc[rows] for s in sources]
-    for source, frame in zip(sources[1:], frames[1:]):
-        if not frame["label"].equals(frames[0]["label"]):
-            raise EnsembleError(f"sources {sources[0].run_id} and {source.run_id} disagree on the true labels of "
-                                "their shared rows: they were not trained on the same data")
-    y = frames[0]["label"].map({name: i for i, name in enumerate(labels)}).to_numpy()
-    return rows, y, [f[[f"prob_{name}" for name in labels]].to_numpy() for f in frames]
-
-
-def mix(weights, probs: list[np.ndarray]) -> np.ndarray:
-    """The weighted soft vote of per-source probability matrices."""
-    return sum(w * p for w, p in zip(weights, probs))
-
-
-def _score(metric: str, probs: np.ndarray, y: np.ndarray) -> float:
-    return float(METRICS[metric](y, probs.argmax(axis=1)))
-
-
-def _scores(prefix: str, probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    return {f"{prefix}_{name}": _score(name, probs, y) for name in METRICS}
-
-
-def fit_weights(probs: list[np.ndarray], y: np.ndarray, metric: str, seed: int, samples: int = 2000) -> np.ndarray:
-    """Simplex weights maximising ``metric``: equal, each corner and Dirichlet samples; ties keep the earlier."""
-    n = len(probs)
-    rng = np.random.default_rng(seed)
-    candidates = np.vstack([np.full(n, 1.0 / n), np.eye(n), rng.dirichlet(np.ones(n), size=samples)])
-    values = [_score(metric, mix(weights, probs), y) for weights in candidates]
-    return candidates[int(np.argmax(values))]
-
-
-def heldout_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions of a stratified half to fit weights on, and of the other half to compare them on."""
-    return train_test_split(np.arange(len(y)), test_size=0.5, stratify=y, random_state=seed)
-
-
-def heldout_report(probs: list[np.ndarray], y: np.ndarray, metric: str, seed: int,
-                   others: dict[str, np.ndarray]) -> dict[str, float]:
-    """``heldout_<name>_<metric>``: weights optimized on one half, and ``others``, all scored on the other half."""
-    fit_rows, held_rows = heldout_split(y, seed)
-    fitted = fit_weights([p[fit_rows] for p in probs], y[fit_rows], metric, seed)
-    held = [p[held_rows] for p in probs]
-    return {f"heldout_{name}_{metric}": _score(metric, mix(w, held), y[held_rows])
-            for name, w in {"optimized": fitted, **others}.items()}
-
-
-def _weights(cfg: EnsembleConfig, sources: list[Source], probs: list[np.ndarray], y: np.ndarray):
-    n = len(sources)
-    equal = np.full(n, 1.0 / n)
-    score = np.array([s.score for s in sources])
-    score = score / score.sum() if score.sum() > 0 else equal
-    report = {}
-    if cfg.weights == "optimized":
-        report = heldout_report(probs, y, cfg.metric, cfg.seed, {"score": score, "equal": equal})
-        chosen = fit_weights(probs, y, cfg.metric, cfg.seed)
-        report[f"fit_optimized_{cfg.metric}"] = _score(cfg.metric, mix(chosen, probs), y)
-        report[f"fit_equal_{cfg.metric}"] = _score(cfg.metric, mix(equal, probs), y)
-    else:
-        chosen = score if cfg.weights == "score" else equal
-    logger.info("weights=%s: %s", cfg.weights, {s.run_id: round(float(w), 4) for s, w in zip(sources, chosen)})
-    return [float(w) for w in chosen], report
+    example, output = strategy.example(spec)
+    return log_pyfunc(run_id, EnsembleModel(), {"spec": str(tmp / SPEC), **{m["name"]: m["path"] for m in members}},
+                      example, output, code_paths=[str(Path(pipelines.__file__).parent)],
+                      metadata={TASK_METADATA: task})
 
 
 # ---------------------------------------------------------------- members and lineage

@@ -34,10 +34,10 @@ def run(cfg: KFoldConfig) -> dict[str, float]:
         results, _ = cross_validate(ctx, folds)
         oof = pd.concat([r.predictions.assign(fold=i) for i, r in enumerate(results)]).sort_values("row_id")
         oof = oof[["row_id", "fold", *[c for c in oof if c not in ("row_id", "fold")]]]
-        summary = _summary([r.metrics for r in results], task.summary_metrics)
+        summary = _summary([r.metrics for r in results], tuple(task.metrics(cfg)))
         with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together finish it once
             upload_frame(tracker, ctx.parent_id, OOF_ARTIFACT, oof)
-            plots.upload(tracker, ctx.parent_id, _drawings(results, oof, task.summary_metrics))
+            plots.upload(tracker, ctx.parent_id, _drawings(results, oof, tuple(task.metrics(cfg))))
             log_once(tracker, ctx.parent_id, summary)
             tracker.finish(ctx.parent_id)
     logger.info("kfold run %s finished: %s", ctx.parent_id,

@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import LlmConfig, LLMSettings, redact_url
+from pipelines.config import LlmConfig
 from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
 from pipelines.errors import ConfigError
-from pipelines.llm import Client, Ledger, canonical_request, load_template, statistics, template_fields
+from pipelines.llm import Client, Ledger, canonical_request, statistics
+from pipelines.llm_settings import LLMSettings, load_template, template_fields
 from pipelines.models import ModelSource
+from pipelines.settings import redact_url
 from pipelines.stages.contract import StageContext, open_stage
 from pipelines.stages.shards import FAILURES, Shards, failures, finish
 from pipelines.tracking import Tracker, state_storage

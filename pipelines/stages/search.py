@@ -25,16 +25,14 @@ import optuna
 import pandas as pd
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
-from transformers import AutoConfig, TrainerCallback
+from transformers import TrainerCallback
 
 from pipelines import plots
-from pipelines.config import OptunaConfig, fingerprint
-from pipelines.errors import ConfigError
+from pipelines.config import OptunaConfig
 from pipelines.faults import raise_if
-from pipelines.generation import generate, generation_config, is_seq2seq, load_summarizer
 from pipelines.leases import LeaseLost
 from pipelines.models import resolve_training_model
-from pipelines.rouge import score_rows
+from pipelines.settings import fingerprint
 from pipelines.stages.common import PREDICTIONS_ARTIFACT, fit_unit, log_once, upload_frame
 from pipelines.stages.contract import BEST_PARAMS_ARTIFACT, StageContext, open_stage, upload_json
 from pipelines.stages.kfold import cross_validate
@@ -100,9 +98,7 @@ def run(cfg: OptunaConfig) -> dict:
     valid = task.holdout(data, cfg) if cfg.objective != "cv" else None
     with tempfile.TemporaryDirectory(prefix="pipelines-model-") as cache, Tracker(cfg.experiment_name) as tracker:
         model = resolve_training_model(cfg, Path(cache), task, tracker, "optuna")
-        if cfg.objective == "generate" and not is_seq2seq(AutoConfig.from_pretrained(model.path)):
-            raise ConfigError(f"objective=generate scores a fine-tuned summarizer, and model {cfg.model} is an "
-                              "encoder-only checkpoint; pass model=runs:/<train run id>/model")
+        generator = task.generation_objective(cfg, model.path) if cfg.objective == "generate" else None
         settings = StudySettings(
             storage=state_storage(cfg.optuna_storage), study_name=cfg.study_name,
             direction=cfg.optimization_direction(), sampler=cfg.sampler, pruner=cfg.pruner, seed=cfg.seed,
@@ -123,7 +119,8 @@ def run(cfg: OptunaConfig) -> dict:
             logger.info(_resume_summary(ctx, study, n_trials, recovered))
         limits = SearchLimits(n_trials, cfg.max_retries, cfg.timeout, poll=min(cfg.heartbeat_interval, 5),
                               max_trials=grid_size(grid) if grid else 0)
-        done = optimize(study, storage, _Objective(ctx, space, folds, valid, n_trials), limits, lock, ctx.leases)
+        objective = _Objective(ctx, space, folds, valid, n_trials, generator)
+        done = optimize(study, storage, objective, limits, lock, ctx.leases)
         with ctx.leases.wait_for(ctx.parent_id, "finish"):  # workers that end together report once
             summary = _report(ctx, study)
             if done or not ctx.others_working():
@@ -147,9 +144,9 @@ def _finished(study: optuna.Study) -> int:
 class _Objective:
     """One trial: its child run (tag ``trial=<logical number>``, shared by all its attempts), training, result."""
 
-    def __init__(self, ctx: StageContext, space: dict, folds, valid, n_trials: int):
+    def __init__(self, ctx: StageContext, space: dict, folds, valid, n_trials: int, generator=None):
         self.ctx, self.space, self.folds, self.valid, self.n_trials = ctx, space, folds, valid, n_trials
-        self._summarizer = None  # objective=generate: the fixed model, loaded once
+        self.generator = generator  # objective=generate: the task's scoring of the fixed model's output
 
     def __call__(self, trial: optuna.Trial) -> float:
         ctx, tracker = self.ctx, self.ctx.tracker
@@ -222,19 +219,10 @@ class _Objective:
 
 
     def _generate(self, unit: StageContext, run_id: str) -> dict[str, float]:
-        """objective=generate: the fixed model's summaries of the validation rows with this trial's generation
+        """objective=generate: the fixed model's output for the validation rows with this trial's generation
         settings, scored (a unit without training: nothing to checkpoint)."""
-        if self._summarizer is None:
-            self._summarizer = load_summarizer(unit.model.path)
-        network, tokenizer = self._summarizer
-        valid = unit.data.frame.iloc[self.valid]
-        generated = generate(network, tokenizer, valid["text"].tolist(), generation_config(network, unit.cfg),
-                             unit.cfg.generation_batch_size, unit.cfg.max_source_length)
-        scores = score_rows(valid["target"].tolist(), generated, unit.cfg.rouge_tokenizer)
-        predictions = pd.concat([pd.DataFrame({"row_id": valid["row_id"].to_numpy(), "generated": generated}),
-                                 scores], axis=1)
+        metrics, predictions = self.generator(unit.cfg, unit.data.frame.iloc[self.valid])
         upload_frame(unit.tracker, run_id, PREDICTIONS_ARTIFACT, predictions)
-        metrics = scores.mean().to_dict()
         log_once(unit.tracker, run_id, {f"final_{k}": v for k, v in metrics.items()})
         return metrics
 

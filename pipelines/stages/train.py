@@ -13,5 +13,5 @@ logger = logging.getLogger(__name__)
 def run(cfg: TrainConfig) -> dict[str, float]:
     ctx, result = run_on_holdout("train", cfg)
     logger.info("train run %s finished: %s", ctx.parent_id,
-                " ".join(f"{k}={result.metrics[k]:.4f}" for k in ctx.task.summary_metrics))
+                " ".join(f"{k}={result.metrics[k]:.4f}" for k in ctx.task.metrics(cfg)))
     return result.metrics

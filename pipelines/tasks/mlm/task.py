@@ -36,8 +36,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from pipelines.config import StageConfig
 from pipelines.data import Dataset, content_digest
 from pipelines.errors import ConfigError
-from pipelines.models import ModelError
-from pipelines.tasks.base import Built, Task, read_columns, shuffled_folds, shuffled_holdout
+from pipelines.models import ModelError, ModelSource
+from pipelines.tasks.base import Built, LoadedModel, Task, read_columns, shuffled_folds, shuffled_holdout
 
 logger = logging.getLogger(__name__)
 TOP_K = 5
@@ -150,8 +150,8 @@ class MaskedLMTrainer(Trainer):
 
 class MaskedLM(Task):
     name = "mlm"
-    summary_metrics = ("loss", "perplexity", "top1_accuracy", "top5_accuracy")
     text_columns = ()
+    input_length_setting = "max_length"
 
     def load(self, cfg: StageConfig) -> Dataset:
         frame = read_columns(cfg.data, {"text": ("text_column", cfg.text_column)}, "mlm")
@@ -177,8 +177,10 @@ class MaskedLM(Task):
             raise ModelError(f"the tokenizer of model {path} has no mask token; task=mlm needs one (pass a "
                              "checkpoint trained with masked-LM, e.g. a BERT-style encoder)")
 
-    def input_length(self, cfg: StageConfig) -> int:
-        return cfg.max_length
+    def load_model(self, cfg, source: ModelSource) -> LoadedModel:
+        raise ModelError(f"model {source.name} is a masked-LM model (trained with task=mlm, e.g. by tapt): it predicts "
+                         "no labels or summaries. Fine-tune it first (-e train or -e kfold with -P model=<its URI>) "
+                         "and predict with that model")
 
     def build(self, cfg: StageConfig, path: str, data: Dataset) -> Built:
         tokenizer = AutoTokenizer.from_pretrained(path)

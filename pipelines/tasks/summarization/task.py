@@ -8,6 +8,8 @@ Training runs on ``Seq2SeqTrainer``; every evaluation generates with the run's o
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 
 import numpy as np
@@ -27,12 +29,28 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from pipelines.config import StageConfig
 from pipelines.data import DataError, Dataset, content_digest
-from pipelines.generation import decode, generation_config, is_seq2seq
-from pipelines.models import ModelError
+from pipelines.errors import ConfigError
+from pipelines.generation import decode, generate, generation_config, is_seq2seq, load_summarizer
+from pipelines.models import ModelError, ModelSource
 from pipelines.rouge import SCORE_COLUMNS, check_tokenizer, score_rows
-from pipelines.tasks.base import Built, Task, read_columns, shuffled_folds, shuffled_holdout
+from pipelines.tasks.base import (
+    Built,
+    LoadedModel,
+    Target,
+    Task,
+    read_columns,
+    shuffled_folds,
+    shuffled_holdout,
+    trained_length,
+)
+from pipelines.tasks.summarization.mbr_vote import MbrVote
+from pipelines.tasks.summarization.settings import GENERATION
 
 logger = logging.getLogger(__name__)
+# what transformers' generate() does with a generation setting the model leaves unset (None)
+UNSET_GENERATION = {"min_new_tokens": 0, "num_beams": 1, "repetition_penalty": 1.0, "length_penalty": 1.0,
+                    "no_repeat_ngram_size": 0}
+_EVALUATED = {"prediction": "generated", "reference": "reference", "text": "source"}  # ``evaluate``'s frame
 
 
 class Seq2SeqDataset(torch.utils.data.Dataset):
@@ -54,8 +72,10 @@ class Seq2SeqDataset(torch.utils.data.Dataset):
 
 class Summarization(Task):
     name = "summarization"
-    summary_metrics = (*SCORE_COLUMNS, "gen_len", "loss")
     text_columns = ("source", "reference", "generated")
+    input_length_setting = "max_source_length"
+    row_score = "rouge_mean"
+    ensemble = MbrVote()
 
     def load(self, cfg: StageConfig) -> Dataset:
         columns = {"text": ("text_column", cfg.text_column), "target": ("target_column", cfg.target_column)}
@@ -99,9 +119,6 @@ class Summarization(Task):
             f"model {path} ({kind}) can neither generate text (not a seq2seq model) nor warm-start a decoder (its "
             f"architecture has no decoder form). Pass a seq2seq checkpoint (BART/KoBART, T5, mT5, Marian, Pegasus) or "
             f"an encoder that can be a decoder (BERT, RoBERTa, XLM-R, ELECTRA) for task=summarization.")
-
-    def input_length(self, cfg: StageConfig) -> int:
-        return cfg.max_source_length
 
     def build(self, cfg: StageConfig, path: str, data: Dataset) -> Built:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -148,6 +165,69 @@ class Summarization(Task):
         predictions = pd.concat([predictions, scores], axis=1)
         metrics = {**scores.mean().to_dict(), "gen_len": float(np.mean(lengths)), "loss": output.metrics["test_loss"]}
         return metrics, predictions
+
+    def generation_objective(self, cfg, path):
+        if not is_seq2seq(AutoConfig.from_pretrained(path)):
+            raise ConfigError(f"objective=generate scores a fine-tuned summarizer, and model {cfg.model} is an "
+                              "encoder-only checkpoint; pass model=runs:/<train run id>/model")
+        loaded = functools.cache(lambda: load_summarizer(path))  # once, at the first trial
+
+        def objective(trial: StageConfig, valid: pd.DataFrame) -> tuple[dict[str, float], pd.DataFrame]:
+            network, tokenizer = loaded()
+            generated = generate(network, tokenizer, valid["text"].tolist(), generation_config(network, trial),
+                                 trial.generation_batch_size, trial.max_source_length)
+            scores = score_rows(valid["target"].tolist(), generated, trial.rouge_tokenizer)
+            predictions = pd.DataFrame({"row_id": valid["row_id"].to_numpy(), "generated": generated})
+            return scores.mean().to_dict(), pd.concat([predictions, scores], axis=1)
+
+        return objective
+
+    def recognizes(self, config) -> bool:
+        return is_seq2seq(config)
+
+    def load_model(self, cfg, source: ModelSource) -> LoadedModel:
+        """The summarizer with the generation settings given, else those it was trained with."""
+        network, tokenizer = load_summarizer(source.path)
+        resolved = {name: getattr(cfg, name) or getattr(network.generation_config, name) for name in GENERATION}
+        if not resolved["max_new_tokens"]:
+            raise ConfigError(f"model {source.name} records no max_new_tokens (it was not trained by a pipelines "
+                              "stage); pass max_new_tokens=N (and num_beams, ... as wanted)")
+        resolved = {name: UNSET_GENERATION.get(name) if value is None else value for name, value in resolved.items()}
+        cfg = dataclasses.replace(cfg, **resolved, max_length=cfg.max_length or trained_length(source))
+        generation = generation_config(network, cfg)
+        logger.info("summarizer %s: generation %s, source truncated to %d tokens", source.name, resolved,
+                    cfg.max_length)
+
+        def predict(frame: pd.DataFrame) -> pd.DataFrame:
+            return pd.DataFrame({"generated": generate(network, tokenizer, frame["text"].tolist(), generation,
+                                                       cfg.eval_batch_size, cfg.max_length)})
+
+        return LoadedModel(source, self.name, cfg, predict, summary_lengths)
+
+    def pyfunc_model(self, cfg, source: ModelSource, model) -> LoadedModel:
+        return LoadedModel(source, self.name, cfg,
+                           lambda frame: model.predict(frame).rename(columns={"summary": "generated"}), summary_lengths)
+
+    def artifact_columns(self, stage: str, cfg) -> dict[str, str] | None:
+        return {"kfold": _EVALUATED, "train": _EVALUATED, "predict": {"prediction": "generated"},
+                "llm": {"prediction": "response"},
+                "correct": {"prediction": "corrected", "reference": "reference"}}.get(stage)
+
+    def targets(self, cfg) -> list[Target]:
+        return [Target("reference", "prediction", "target_column", cfg.target_column)]
+
+    def check_references(self, cfg, items: pd.DataFrame) -> None:
+        check_tokenizer(items["reference"], cfg.rouge_tokenizer, "the references")
+
+    def score(self, cfg, rows: pd.DataFrame) -> pd.DataFrame:
+        return pd.concat([rows, score_rows(rows["reference"], rows["prediction"], cfg.rouge_tokenizer)], axis=1)
+
+    def summarize_scores(self, cfg, scores: pd.DataFrame) -> dict[str, float]:
+        return {column: float(scores[column].mean()) for column in SCORE_COLUMNS}
+
+
+def summary_lengths(predictions: pd.DataFrame) -> dict[str, float]:
+    return {"rows": len(predictions), "generated_chars_mean": float(predictions["generated"].str.len().mean())}
 
 
 def add_special_tokens(tokenizer, special_tokens: str) -> int:
