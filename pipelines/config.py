@@ -12,7 +12,7 @@ from typing import Any
 
 from pipelines.errors import ConfigError
 from pipelines.llm_settings import LLMSettings, load_template, template_fields
-from pipelines.settings import ROUGE_TOKENIZERS, Coordinated, Resumable, Settings, setting
+from pipelines.settings import ROUGE_TOKENIZERS, Coordinated, Resumable, Settings, setting, wire_tasks
 from pipelines.tasks import TASKS, task_settings
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -95,6 +95,9 @@ class CommonTraining(Settings):
                                  shared=True)
     augment_from: str = setting("", "Run id of an augment run: each training set gets the augmentations of its own "
                                 "rows (never of a validation row).")
+
+
+wire_tasks(CommonTraining, TASK_SETTINGS)
 
 
 @dataclass

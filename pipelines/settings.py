@@ -32,12 +32,11 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from pipelines.errors import ConfigError
-from pipelines.tasks import TASKS, task_settings
 
 ROUGE_TOKENIZERS = ("whitespace", "char", "morpheme", "default")
 ROUGE_RULES = "punctuation-split"  # the rules of the whitespace/char/morpheme ROUGE tokenizers
@@ -95,6 +94,10 @@ class Settings:
 
     settings_source: dict[str, str] = field(default_factory=dict, repr=False, compare=False, metadata={
         "help": "", "result": False, "provenance": True})
+    # set by pipelines/config.py, which composes the configurations from the tasks' settings modules (this module
+    # knows no task): shared setting -> the tasks whose USES name it; task -> its own CHANGED_RULES
+    shared_owners: ClassVar[dict[str, tuple[str, ...]]] = {}
+    task_rules: ClassVar[dict[str, dict]] = {}
 
     def __post_init__(self) -> None:
         for f in settings_fields(self):
@@ -115,8 +118,7 @@ class Settings:
                     if f.metadata["result"] and self.applies(f) and not self._same(f)}
         # rules that changed results of these settings in this version: a run made by the old rules is refused on
         # resume (listing e.g. rouge_rules: <unset> -> punctuation-split) rather than mixing the two
-        task = getattr(self, "task", None)
-        rules = {**CHANGED_RULES, **(getattr(task_settings(task), "CHANGED_RULES", {}) if task else {})}
+        rules = {**CHANGED_RULES, **self.task_rules.get(getattr(self, "task", None), {})}
         settings.update({name: value for name, (uses, value) in rules.items() if uses(settings)})
         return settings
 
@@ -130,16 +132,20 @@ class Settings:
 
     def applies(self, f: dataclasses.Field) -> bool:
         """Whether setting ``f`` applies with this configuration's task (see the module docstring)."""
-        owners = _owners(f)
+        owners = self._owners(f)
         return owners is None or getattr(self, "task", None) in owners
 
     def refuse_other_task_settings(self) -> None:
         """A setting of another task would be silently ignored: refuse it, naming the tasks it belongs to."""
         for f in settings_fields(self):
             if not self.applies(f) and getattr(self, f.name) != f.default:
-                owners = _owners(f)
+                owners = self._owners(f)
                 raise ConfigError(f"{f.name} is a {' or '.join(owners)} setting and does nothing with "
                                   f"task={self.task}; remove it, or pass task={owners[0]}")
+
+    def _owners(self, f: dataclasses.Field) -> tuple[str, ...] | None:
+        """The tasks setting ``f`` belongs to; None: every task."""
+        return self.shared_owners[f.name] if f.metadata.get("shared") else f.metadata.get("task")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings by name (``settings_source`` left out: it says where they came from)."""
@@ -154,11 +160,25 @@ class Settings:
         return record
 
 
-def _owners(f: dataclasses.Field) -> tuple[str, ...] | None:
-    """The tasks setting ``f`` belongs to; None: every task."""
-    if f.metadata.get("shared"):
-        return tuple(name for name in TASKS if f.name in task_settings(name).USES)
-    return f.metadata.get("task")
+def wire_tasks(common: type[Settings], modules: dict[str, Any]) -> None:
+    """Tell the machinery which tasks use each ``shared`` setting of ``common`` (their settings modules' ``USES``)
+    and each task's own ``CHANGED_RULES`` (pipelines/config.py calls it with the registered tasks' modules). A
+    registry whose modules do not fit together is refused (a USES naming no shared setting, a shared setting no
+    task uses, a setting declared by two tasks): it would silently drop a setting from fingerprints."""
+    shared = {f.name for f in dataclasses.fields(common) if f.metadata.get("shared")}
+    for name, module in modules.items():
+        if unknown := set(module.USES) - shared:
+            raise TypeError(f"pipelines/tasks/{name}/settings.py: USES names {sorted(unknown)}, which are not shared "
+                            f"settings ({sorted(shared)})")
+    owners = {field: tuple(n for n, m in modules.items() if field in m.USES) for field in shared}
+    if unused := sorted(field for field, tasks in owners.items() if not tasks):
+        raise TypeError(f"shared settings {unused} are used by no task (USES of pipelines/tasks/*/settings.py)")
+    for kind in ("Training", "Scoring", "Prediction"):
+        declared = [name for m in modules.values() if hasattr(m, kind) for name in getattr(m, kind).__annotations__]
+        if twice := sorted({name for name in declared if declared.count(name) > 1}):
+            raise TypeError(f"{kind} settings {twice} are declared by two tasks; declare each in one task's module")
+    Settings.shared_owners = owners
+    Settings.task_rules = {name: getattr(m, "CHANGED_RULES", {}) for name, m in modules.items()}
 
 
 def settings_fields(settings: Settings | type[Settings]) -> list[dataclasses.Field]:

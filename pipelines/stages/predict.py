@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import PredictConfig
-from pipelines.data import DataError, Dataset, content_digest, folder_digest, read_artifact_csv, read_table
+from pipelines.data import DataError, Dataset, content_digest, folder_digest, read_table
 from pipelines.errors import ConfigError
 from pipelines.models import ModelError, ModelSource
 from pipelines.serving import pyfunc_task
@@ -46,9 +46,8 @@ def run(cfg: PredictConfig) -> dict[str, float]:
     with Tracker(cfg.experiment_name) as tracker, tempfile.TemporaryDirectory(prefix="pipelines-pred-") as tmp:
         model = load_model(cfg, Path(tmp))
         ctx = open_stage("predict", model.cfg, data, model.source, tracker)
-        outputs = tuple(get_task(model.task).artifact_columns("predict", model.cfg).values())
         shards = Shards(ctx, texts, cfg.shard_size, Path(tmp) / "check",
-                        read=lambda path: read_artifact_csv(path, outputs))  # the predictions: text, verbatim
+                        read=get_task(model.task).read_predictions)  # the predictions: labels and text, verbatim
         predictions = shards.run(lambda rows: pd.concat([rows[["row_id"]], model.predict(rows[["text"]])], axis=1))
         summary = model.summarize(predictions)
         finish(ctx, {PREDICTIONS_ARTIFACT: predictions}, summary)

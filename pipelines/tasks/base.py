@@ -166,7 +166,8 @@ class Task:
         (folder / TRAINED_WITH).write_text(json.dumps({"task": self.name, "max_length": self.input_length(cfg)}))
 
     def read_predictions(self, path: Path) -> pd.DataFrame:
-        """A unit's predictions as logged: restored on resume, they equal the fresh ones (labels such as ``NA``)."""
+        """Predictions as logged (a unit's, a `predict` shard's): restored on resume, they equal the fresh ones
+        (labels such as ``NA``)."""
         return read_artifact_csv(path, self.text_columns)
 
 

@@ -22,10 +22,11 @@ def folder_task(source: ModelSource) -> Task:
     recorded = json.loads(marker.read_text()).get("task") if marker.is_file() else None
     if recorded in TASKS:
         return get_task(recorded)
+    tasks = [get_task(name) for name in TASKS]  # imported first: a task may register its own model type
     config = AutoConfig.from_pretrained(source.path)
-    for name in TASKS:
-        if get_task(name).recognizes(config):
-            return get_task(name)
+    for task in tasks:
+        if task.recognizes(config):
+            return task
     raise ModelError(f"model {source.name} records no task this stage predicts ({TRAINED_WITH}: {recorded!r}) and its "
                      f"architectures {config.architectures} are neither a sequence classifier nor a seq2seq model: "
                      "fine-tune it first (-e train or -e kfold with -P model=<it>) and predict with that model")

@@ -77,7 +77,7 @@ def check(cfg: Training) -> None:
 
 
 def check_prediction(cfg: Prediction) -> None:
-    if cfg.max_new_tokens:  # 0: the model's own
+    if cfg.max_new_tokens and cfg.min_new_tokens:  # 0: the model's own
         _check_lengths(cfg)
 
 
