@@ -32,6 +32,7 @@ TASKS = (  # one line per task: its package pipelines/tasks/<name>/ has settings
     "classification",
     "summarization",
     "mlm",
+    "multitask",
 )
 
 
