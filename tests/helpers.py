@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -66,6 +70,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(env: dict, model_uri: str, cwd: Path, timeout: float = 120):
+    """`mlflow models serve -m model_uri` (this environment's mlflow, --env-manager local) on a free port of
+    127.0.0.1, once it answers /ping: yields the port; the server (its process group) is stopped after."""
+    port, bin_dir, log = free_port(), Path(sys.executable).parent, Path(cwd) / f"serve-{time.monotonic_ns()}.log"
+    with open(log, "w") as stderr:
+        server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager",
+                                   "local", "--host", "127.0.0.1", "-p", str(port)],
+                                  env={**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}, cwd=cwd,
+                                  stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+    def up() -> bool:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(up, timeout), f"{model_uri} not served within {timeout} s: {log.read_text()[-3000:]}"
+        yield port
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def wait_until(predicate, timeout: float) -> bool:
