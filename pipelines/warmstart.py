@@ -137,6 +137,7 @@ def load_weights(network: torch.nn.Module, init: InitWeights, ema: bool) -> None
     else:
         weights = torch.load(init.path / WEIGHTS[1], map_location="cpu", weights_only=True)
     own = network.state_dict()
+    weights = _as_body(weights, own, getattr(network, "base_model_prefix", ""), init.source)
     wrong = [name for name, tensor in weights.items() if name in own and own[name].shape != tensor.shape]
     if wrong or not set(weights) & set(own):
         raise ConfigError(f"init_from={init.source} does not fit this model: "
@@ -147,6 +148,25 @@ def load_weights(network: torch.nn.Module, init: InitWeights, ema: bool) -> None
     logger.info("init_from=%s: %d tensors loaded%s; new (kept as built): %s; not used: %s", init.source,
                 len(set(weights) & set(own)), " (EMA)" if ema else "", result.missing_keys[:8] or "none",
                 result.unexpected_keys[:8] or "none")
+
+
+def _as_body(weights: dict, own: dict, prefix: str, source: str) -> dict:
+    """``weights`` as they are if a name matches; else with the first name part that makes the most names match
+    renamed to this network's body prefix (e.g. a classifier's or masked LM's ``bert.`` as a multitask model's
+    ``encoder.``, and back)."""
+    if not prefix or set(weights) & set(own):
+        return weights
+
+    def renamed(first: str) -> dict:
+        return {f"{prefix}{name[len(first):]}" if name.startswith(f"{first}.") else name: tensor
+                for name, tensor in weights.items()}
+
+    first = max(sorted({name.split(".", 1)[0] for name in weights}), key=lambda f: len(set(renamed(f)) & set(own)),
+                default="")
+    if not set(renamed(first)) & set(own):
+        return weights
+    logger.info("init_from=%s: its body %s.* loaded as this model's %s.*", source, first, prefix)
+    return renamed(first)
 
 
 def _check_body(network: torch.nn.Module, weights: dict, source: str) -> None:

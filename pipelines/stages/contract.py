@@ -30,7 +30,7 @@ from pipelines.errors import ConfigError, NotFound, UserError
 from pipelines.leases import Lease, LeaseStore, owner_alive
 from pipelines.models import ModelSource, record_sources
 from pipelines.settings import Coordinated, Settings, convert_value, describe_differences, fingerprint, redact
-from pipelines.tasks import get_task
+from pipelines.tasks import get_task, task_settings
 from pipelines.tasks.base import Task
 from pipelines.tasks.recorded import check_same_task
 from pipelines.tracking import UNFINISHED, WORKER_TAG, Tracker, model_source_run, state_storage
@@ -361,6 +361,11 @@ def _params_source(cfg, tracker: Tracker) -> tuple[str, str, dict]:
     recorded = used.get("task", "classification")  # runs of versions without tasks trained classifiers
     check_same_task(recorded, cfg.task, f"params_from={cfg.params_from}: run {source} trained task={recorded}, "
                                         f"this stage task={cfg.task}; pass a {cfg.task} run, or task={recorded}")
+    for name in getattr(task_settings(cfg.task), "SAME_AS_PARAMS_SOURCE", ()):  # what its parameters are relative to
+        if name in used and str(used[name]) != str(getattr(cfg, name)):
+            raise ConfigError(f"params_from={cfg.params_from}: run {source} was trained with {name}={used[name]!r}, "
+                              f"this stage has {name}={getattr(cfg, name)!r}, and the parameters it brings depend on "
+                              f"it; pass {name}={used[name]}, or a params_from run trained with yours")
     return source, stage, used
 
 

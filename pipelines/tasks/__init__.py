@@ -9,7 +9,8 @@ adding its package and one line there. Stages never branch on the task: they ask
 - ``Prediction`` (optional): settings of `predict` (they apply to every model it predicts with);
 - ``metrics(cfg)``: metric name -> greater is better (None: logged, never an objective), default objective first;
 - ``TUNABLE``: its settings a search space may name; ``check(cfg)``: its checks of a training configuration;
-- optional: ``check_prediction(cfg)``, ``check_scoring(cfg)``, ``GENERATION`` (what objective=generate searches), ``CHANGED_RULES``.
+- optional: ``check_prediction(cfg)``, ``check_scoring(cfg)``, ``GENERATION`` (what objective=generate searches),
+  ``CHANGED_RULES``, ``SAME_AS_PARAMS_SOURCE`` (settings a params_from run must share: what its parameters mean).
 
 ``task.py``: ``TASK``, the ``Task`` of pipelines/tasks/base.py (data, splits, model, Trainer, predictions)::
 
