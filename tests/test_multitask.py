@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import re
 import signal
 from types import SimpleNamespace
 
@@ -13,17 +15,29 @@ import pytest
 import torch
 from conftest import run_entrypoint, store_env
 from helpers import artifact_text, children, client, parents, serving
+from safetensors.torch import load_file
 from sklearn.metrics import f1_score
 from test_ensemble import _post
-from transformers import AutoTokenizer, BertConfig
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 
-from pipelines.config import EnsembleConfig, PredictConfig, TrainConfig, ValidateConfig
+from pipelines.config import (
+    EnsembleConfig,
+    OptunaConfig,
+    PredictConfig,
+    RetrainConfig,
+    TrainConfig,
+    ValidateConfig,
+)
+from pipelines.data import Dataset
 from pipelines.errors import UserError
-from pipelines.stages import ensemble, predict, validate
+from pipelines.stages import ensemble, predict, retrain, validate
+from pipelines.study import load_search_space
 from pipelines.tasks.ensemble import EnsembleError, Source
 from pipelines.tasks.multitask.model import IGNORE, MultitaskConfig, MultitaskModel
+from pipelines.tasks.multitask.settings import head_weights
 from pipelines.tasks.multitask.task import TASK, head_metrics
 from pipelines.tasks.multitask.vote import head_classes
+from pipelines.warmstart import InitWeights, load_weights
 
 K, BATCH, SAVE_STEPS = 3, 8, 2
 HEADS = ["label", "length"]
@@ -32,9 +46,10 @@ OOF_COLUMNS = ["label", "predicted_label", "prob_label_computers", "prob_label_p
 TEXTS = ["The computer crashed again.", "Vote for the senator!", "Atoms are mostly empty space.", "x"]
 
 
-def tiny_network(weights=(2.0, 1.0)) -> MultitaskModel:
+def tiny_network(weights=(2.0, 1.0), **encoder_settings) -> MultitaskModel:
     encoder = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                         intermediate_size=32, **{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                                                  **encoder_settings})
     torch.manual_seed(0)
     return MultitaskModel(MultitaskConfig(encoder=encoder.to_dict(), label_columns=["a", "b"],
                                           head_labels=[["x", "y", "z"], ["s", "l"]], head_weights=list(weights)))
@@ -75,6 +90,105 @@ def test_heads_are_scored_only_on_their_labelled_rows():
     metrics = head_metrics([a, b], ids, ["a", "b"])
     assert metrics["a_accuracy"] == metrics["b_accuracy"] == metrics["accuracy"] == 1.0
     assert metrics["f1_macro"] == 1.0
+
+
+def test_an_explicit_classifier_dropout_of_zero_is_kept():
+    assert tiny_network(classifier_dropout=0.0, hidden_dropout_prob=0.1).dropout.p == 0.0
+    assert tiny_network(hidden_dropout_prob=0.1).dropout.p == 0.1
+
+
+SMALL = pd.DataFrame({"row_id": range(7), "text": ["a cat", "the dog", "one", "two birds", "fish", "a b c", "z"],
+                      "a": ["x", "y", "x", "", "y", "x", "y"], "b": ["s", "", "", "s", "l", "s", "l"]})
+SMALL_CFG = {"task": "multitask", "label_columns": "a,b", "max_length": 16}
+
+
+def built_on(path) -> object:
+    return TASK.build(TrainConfig(**SMALL_CFG), str(path), Dataset(frame=SMALL, labels=[], digest=""))
+
+
+def test_a_bfloat16_checkpoint_gets_float32_heads_and_body(tiny_model, tmp_path):
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    built = built_on(tmp_path)
+    assert {p.dtype for p in built.network.parameters()} == {torch.float32}
+    batch = built.tokenizer(["a cat", "one"], padding=True, return_tensors="pt")
+    built.network(**batch, labels=torch.tensor([[0, 1], [1, IGNORE]])).loss.backward()
+
+
+def test_evaluate_logs_the_loss_of_all_validation_rows_whatever_the_batch_size(tiny_model, tmp_path):
+    cfg = TrainConfig(**SMALL_CFG, head_weights="2,1", label_smoothing=0.1)
+    built = TASK.build(cfg, str(tiny_model), Dataset(frame=SMALL, labels=[], digest=""))
+    args = {"output_dir": str(tmp_path), "report_to": "none", "use_cpu": True}
+    losses = []
+    for size in (2, 7):  # batches of 2 hold 0, 1 or 2 labelled rows of a head
+        sized = dataclasses.replace(cfg, eval_batch_size=size)
+        losses.append(TASK.evaluate(TASK.trainer(sized, built, args, SMALL, SMALL, []), built, SMALL, sized, None)
+                      [0]["loss"])
+    with torch.no_grad():
+        logits = built.network.eval()(**built.tokenizer(SMALL["text"].tolist(), padding=True, return_tensors="pt")).logits
+    ce = torch.nn.functional.cross_entropy
+    a = ce(logits[[0, 1, 2, 4, 5, 6], :2], torch.tensor([0, 1, 0, 1, 0, 1]), label_smoothing=0.1)
+    b = ce(logits[[0, 3, 4, 5, 6], 2:], torch.tensor([1, 1, 0, 1, 0]), label_smoothing=0.1)  # classes l, s
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] == pytest.approx(float(2 * a + b), rel=1e-5)
+
+
+def test_init_from_a_classification_checkpoint_loads_its_body_into_the_encoder(tiny_model):
+    network = built_on(tiny_model).network
+    heads = [p.clone() for p in network.heads.parameters()]
+    with torch.no_grad():
+        for parameter in network.encoder.parameters():
+            parameter.zero_()
+    load_weights(network, InitWeights(str(tiny_model), tiny_model, None, ""), ema=False)
+    source = load_file(str(tiny_model / "model.safetensors"))
+    assert torch.equal(network.encoder.embeddings.word_embeddings.weight, source["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(network.encoder.encoder.layer[1].output.dense.weight,
+                       source["bert.encoder.layer.1.output.dense.weight"])
+    assert all(torch.equal(p, q) for p, q in zip(network.heads.parameters(), heads))  # new heads kept as built
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_integer_labels_are_the_same_classes_in_every_format(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    frame = pd.DataFrame({"text": [f"text {i}" for i in range(6)], "a": [1, 2, 3, None, 1, 2.5],
+                          "b": pd.array([1, 2, 3, None, 1, 2], dtype="Int64"), "c": ["x", "y"] * 3})
+    {".csv": lambda: frame.to_csv(path, index=False),  # b: 1, 2, 3, an empty cell...
+     ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),  # b: 1, 2, 3, null...
+     ".parquet": lambda: frame.astype({"b": float}).to_parquet(path)}[suffix]()  # as pyarrow reads int64 with a null
+    loaded = TASK.load(TrainConfig(task="multitask", label_columns="b,a,c", data=str(path))).frame
+    assert loaded["b"].tolist() == ["1", "2", "3", "", "1", "2"]
+    assert loaded["a"].tolist() == ["1.0", "2.0", "3.0", "", "1.0", "2.5"]  # not whole numbers: as they are
+
+
+@pytest.mark.parametrize("columns, named", [("topic (coarse),b", "topic (coarse)"), ("a,is_spam?", "is_spam?"),
+                                            ("a/b", "a/b"), ("a,correct", "correct"), ("error,a", "error"),
+                                            ("a,a", None)])
+def test_label_columns_the_metrics_files_or_scores_cannot_hold_are_refused(columns, named):
+    message = "names a column twice" if named is None else f"names {re.escape(repr(named))}.*rename that column"
+    with pytest.raises(UserError, match=message):
+        TrainConfig(task="multitask", label_columns=columns)
+    with pytest.raises(UserError, match=message):
+        ValidateConfig(task="multitask", label_columns=columns, predictions_from="0123")
+    TrainConfig(task="multitask", label_columns="topic-coarse,is spam,v1.0:a")
+
+
+def test_max_length_and_eval_batch_size_must_be_positive():
+    for setting in ("max_length", "eval_batch_size"):
+        with pytest.raises(UserError, match="max_length and eval_batch_size must be positive"):
+            TrainConfig(task="multitask", label_columns="a,b", **{setting: 0})
+
+
+def test_head_weights_are_searched_as_choices_of_comma_separated_weights():
+    cfg = OptunaConfig(task="multitask", label_columns="a,b")
+    tunable = {name: getattr(cfg, name) for name in cfg.tunable()}
+    for numbers in ("{type: float, low: 1, high: 2}", "{type: categorical, choices: [1, 2]}"):
+        with pytest.raises(UserError, match=r"would fail \(head_weights=1.* is one number for the 2 label_columns.*"
+                                            r"choices: \['1,1', '2,1'\]"):
+            cfg.refuse_failing_trials(load_search_space(f"{{head_weights: {numbers}}}", tunable))
+    cfg.refuse_failing_trials(load_search_space("{head_weights: {type: categorical, choices: ['1,1', '2,1']}}",
+                                                tunable))
+    one = OptunaConfig(task="multitask", label_columns="a")  # one head: a number is its weight
+    one.refuse_failing_trials(load_search_space("{head_weights: {type: float, low: 0.5, high: 2}}", tunable))
+    assert head_weights(dataclasses.replace(one, head_weights=0.5)) == [0.5]
 
 
 def multitask_data(tiny_data, path) -> str:
@@ -227,7 +341,8 @@ def test_validate_and_predict_score_and_answer_each_head(in_store, tmp_path):
 
 def two_heads_sources() -> list[Source]:
     """Two sources over heads `a` (classes b_y, z) and `a_b` (w, x): `prob_a_` starts every probability column.
-    Source 0 is right on head a and wrong on a_b, source 1 the other way round (less sure on a); row 3 has no a_b."""
+    Source 0 is right on head a and wrong on a_b, source 1 the other way round (less sure of both); row 3 has no a_b.
+    Both heads are right only for a weight of source 1 between 4/7 and 0.8: equal weights miss every row of a_b."""
     truth_a, truth_ab = np.array(["b_y", "z"] * 10), np.array(["w", "w", "x", "x"] * 5)
     truth_ab[3] = ""
 
@@ -241,25 +356,35 @@ def two_heads_sources() -> list[Source]:
         return pd.DataFrame(columns)
 
     return [Source(f"run{i}", "kfold", "multitask", [], frame, score, {"label_columns": "a,a_b"}, 32, "", "")
-            for i, (frame, score) in enumerate([(oof(0.9, 0.1), 0.5), (oof(0.4, 0.95), 0.5)])]
+            for i, (frame, score) in enumerate([(oof(0.9, 0.1), 0.5), (oof(0.4, 0.8), 0.5)])]
 
 
 def test_vote_reads_each_heads_classes_and_averages_over_the_heads():
     sources, vote = two_heads_sources(), TASK.ensemble
     vote.check(sources)
     assert head_classes(sources[0].oof, ["a", "a_b"], "run0") == [["b_y", "z"], ["w", "x"]]
-    metrics, params = vote.evaluate(None, sources, [0.5, 0.5])
+    metrics, params = vote.evaluate(None, sources, [0.3, 0.7])
     assert params["oof_rows"] == 20
     assert metrics["ensemble_a_accuracy"] == metrics["ensemble_a_b_f1_macro"] == metrics["ensemble_f1_macro"] == 1.0
     assert (metrics["source0_a_accuracy"], metrics["source0_a_b_accuracy"], metrics["source0_accuracy"]) == (1, 0, 0.5)
     assert (metrics["source1_a_accuracy"], metrics["source1_a_b_accuracy"]) == (0, 1)
     cfg = EnsembleConfig(source_runs="run0,run1", weights="optimized")
     weights, report = vote.weigh(cfg, sources)
-    assert weights == [0.5, 0.5] and report["fit_optimized_f1_macro"] == report["fit_equal_f1_macro"] == 1.0
+    assert 4 / 7 < weights[1] < 0.8 and report["fit_optimized_f1_macro"] == 1.0
+    assert report["fit_equal_f1_macro"] == report["heldout_equal_f1_macro"] == 0.5  # head a right, a_b all wrong
     assert report["heldout_optimized_f1_macro"] == 1.0
     sources[1].oof.loc[0, "a"] = "z"
     with pytest.raises(EnsembleError, match="disagree on the true labels"):
         vote.check(sources)
+
+
+def test_params_from_a_run_of_other_label_columns_is_refused_before_training(in_store):
+    cfg = RetrainConfig(task="multitask", label_columns="length,label", data=str(in_store.data),
+                        model=str(in_store.tiny_model), experiment_name="uninterrupted", max_length=32,
+                        params_from=in_store.parent.info.run_id)
+    with pytest.raises(UserError, match="trained with label_columns='label,length'"):
+        retrain.run(cfg)
+    assert parents(in_store.env, "uninterrupted", "retrain") == []
 
 
 def test_validate_needs_the_heads_to_score():

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from pipelines.models import ModelError
-from pipelines.tasks.classification.task import class_counts
+from pipelines.tasks.classification.task import class_counts, softmax
 from pipelines.tasks.multitask.model import MultitaskConfig, MultitaskModel
 from pipelines.tasks.multitask.settings import label_columns
 
@@ -23,11 +23,6 @@ class Member:
     tokenizer: object
     network: MultitaskModel
     max_length: int
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    return np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
 
 
 def per_head(scores: np.ndarray, config: MultitaskConfig) -> list[np.ndarray]:

@@ -44,7 +44,8 @@ class MultitaskModel(PreTrainedModel):
         self.encoder = AutoModel.from_config(config.encoder) if encoder is None else encoder
         config.encoder = self.encoder.config  # one config, with the attention implementation the encoder chose
         body = config.encoder
-        self.dropout = nn.Dropout(getattr(body, "classifier_dropout", None) or getattr(body, "hidden_dropout_prob", 0.1))
+        dropout = getattr(body, "classifier_dropout", None)  # an explicit 0.0 is kept, as BERT's classifier does
+        self.dropout = nn.Dropout(getattr(body, "hidden_dropout_prob", 0.1) if dropout is None else dropout)
         self.heads = nn.ModuleList(nn.Linear(body.hidden_size, size) for size in config.head_sizes())
         self.post_init()
 

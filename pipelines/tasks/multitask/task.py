@@ -33,7 +33,7 @@ from pipelines.config import StageConfig
 from pipelines.data import DataError, Dataset, content_digest, read_artifact_csv, read_table
 from pipelines.models import ModelError, ModelSource
 from pipelines.tasks.base import Built, LoadedModel, Target, Task, trained_length
-from pipelines.tasks.classification.task import class_metrics, confusion_plot, per_class
+from pipelines.tasks.classification.task import TextDataset, class_metrics, confusion_plot, per_class, softmax
 from pipelines.tasks.multitask.heads import (
     check_heads,
     head_counts,
@@ -42,27 +42,12 @@ from pipelines.tasks.multitask.heads import (
     heads_of,
     load_member,
     per_head,
-    softmax,
 )
 from pipelines.tasks.multitask.model import IGNORE, MultitaskConfig, MultitaskModel
 from pipelines.tasks.multitask.settings import head_weights, label_columns
 from pipelines.tasks.multitask.vote import HeadVote
 
 logger = logging.getLogger(__name__)
-
-
-class Encoded(torch.utils.data.Dataset):
-    """Tokenized texts with, per row, a label id per head."""
-
-    def __init__(self, tokenizer, texts: list[str], ids: np.ndarray, max_length: int):
-        self.encodings = tokenizer(texts, truncation=True, max_length=max_length)
-        self.ids = ids.tolist()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {**{key: values[i] for key, values in self.encodings.items()}, "labels": self.ids[i]}
 
 
 def load_rows(cfg: StageConfig) -> pd.DataFrame:
@@ -83,8 +68,15 @@ def load_rows(cfg: StageConfig) -> pd.DataFrame:
         logger.warning("dropping rows with an empty text_column or no label of label_columns file=%s rows=%d",
                        cfg.data, int(dropped.sum()))
     rows = rows[~dropped].reset_index(drop=True)
-    return rows.assign(text=rows["text"].astype(str),
-                       **{c: rows[c].map(lambda v: "" if pd.isna(v) else str(v)) for c in columns})
+    return rows.assign(text=rows["text"].astype(str), **{c: as_text(rows[c]) for c in columns})
+
+
+def as_text(labels: pd.Series) -> pd.Series:
+    """Labels as text, ``""`` where none; whole numbers as integers whatever the format (an integer column of
+    JSONL or Parquet with a null is read as floats: 1.0 is the label '1')."""
+    if pd.api.types.is_float_dtype(labels) and (labels.dropna() % 1 == 0).all():
+        labels = labels.astype("Int64")
+    return labels.map(lambda v: "" if pd.isna(v) else str(v))
 
 
 def head_labels(frame: pd.DataFrame, columns: list[str]) -> list[list[str]]:
@@ -203,7 +195,7 @@ class Multitask(Task):
 
     def build(self, cfg: StageConfig, path: str, data: Dataset) -> Built:
         columns = label_columns(cfg)
-        encoder = AutoModel.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path, dtype=torch.float32)  # as its new heads (a bf16 checkpoint: too)
         if isinstance(encoder, MultitaskModel):  # a multitask model's encoder, with new heads
             encoder = encoder.encoder
         config = MultitaskConfig(encoder=encoder.config.to_dict(), label_columns=columns,
@@ -216,8 +208,9 @@ class Multitask(Task):
     def trainer(self, cfg, built, args, train, valid, callbacks) -> Trainer:
         config = built.network.config
 
-        def encode(frame: pd.DataFrame) -> Encoded:
-            return Encoded(built.tokenizer, frame["text"].tolist(), label_ids(frame, config), cfg.max_length)
+        def encode(frame: pd.DataFrame) -> TextDataset:  # per row a label id per head
+            return TextDataset(built.tokenizer, frame["text"].tolist(), label_ids(frame, config).tolist(),
+                               cfg.max_length)
 
         def compute_metrics(prediction) -> dict[str, float]:
             return head_metrics(per_head(prediction.predictions, config), prediction.label_ids, config.label_columns)
@@ -235,10 +228,17 @@ class Multitask(Task):
 
     def evaluate(self, trainer, built, valid, cfg, data) -> tuple[dict[str, float], pd.DataFrame]:
         config = built.network.config
-        output = trainer.predict(trainer.eval_dataset)
-        probabilities = [softmax(head) for head in per_head(output.predictions, config)]
-        metrics = head_metrics(probabilities, label_ids(valid, config), config.label_columns)
-        metrics["loss"] = output.metrics["test_loss"]
+        output, ids = trainer.predict(trainer.eval_dataset), label_ids(valid, config)
+        logits = per_head(output.predictions, config)
+        probabilities = [softmax(head) for head in logits]
+        metrics = head_metrics(probabilities, ids, config.label_columns)
+        # the model's loss over all the rows at once, not the Trainer's mean of per-batch losses (each a per-head
+        # mean over the batch's labelled rows: the rows of a head would weigh by how they fall into batches of
+        # eval_batch_size). Training optimizes those per-micro-batch means: a row weighs more in a batch with
+        # fewer labelled rows of its head
+        with torch.no_grad():
+            loss = built.network.loss([torch.from_numpy(head) for head in logits], torch.from_numpy(ids))
+        metrics["loss"] = float(loss)
         columns = {"row_id": valid["row_id"].to_numpy()}
         for column, labels, head in zip(config.label_columns, config.head_labels, probabilities):
             columns[column] = valid[column].to_numpy()
