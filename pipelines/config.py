@@ -1,6 +1,7 @@
 """The stages' typed configurations, composed from the settings machinery (pipelines/settings.py: fields, parsing,
 precedence, fingerprint inputs) and each registered task's settings (pipelines/tasks/<task>/settings.py, listed in
-pipelines/tasks/__init__.py): no task is named here; its settings, checks and metrics come from its module."""
+pipelines/tasks/__init__.py): no task is named here but as a default (and tapt's fixed mlm); its settings,
+checks and metrics come from its module."""
 
 from __future__ import annotations
 

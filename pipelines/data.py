@@ -134,7 +134,6 @@ def content_digest(frame: pd.DataFrame, columns: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-
 def folder_digest(folder: Path, recursive: bool = False) -> str:
     """Hash of the files that define a model folder, by name and content.
 

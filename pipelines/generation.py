@@ -87,7 +87,6 @@ def generate(network, tokenizer, texts: list[str], config: GenerationConfig, bat
     return out
 
 
-
 def load_summarizer(path) -> tuple[torch.nn.Module, object]:
     """A trained seq2seq model (or warm-started encoder-decoder) and its tokenizer, for generation."""
     return AutoModelForSeq2SeqLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
