@@ -192,7 +192,8 @@ def chains(trials):
 
 @pytest.mark.parametrize("max_retries", [0, 1, 2])
 def test_a_failing_trial_is_retried_max_retries_times_and_its_number_is_never_reused(tmp_path, max_retries):
-    study, storage = study_in(tmp_path)
+    # no takeover is wanted here: a long pause of a big test process must not read as a lost lease
+    study, storage = study_in(tmp_path, grace_period=20)
     started = []
     assert optimize(study, storage, lambda t: raising_objective(t, started), SearchLimits(4, max_retries), nullcontext)
     attempts = chains(study.trials)
@@ -216,7 +217,7 @@ def test_a_failing_trial_is_retried_max_retries_times_and_its_number_is_never_re
 def test_a_resumed_search_proposes_what_an_uninterrupted_one_does_failures_included(tmp_path):
     def params_by_number(name, stops):
         for n_trials in stops:  # each stop: a fresh process (new study object) resuming the same storage
-            study, storage = study_in(tmp_path, name=name)
+            study, storage = study_in(tmp_path, name=name, grace_period=20)
             assert optimize(study, storage, raising_objective, SearchLimits(n_trials, 1), nullcontext)
         return {n: [(t.params, t.state) for t in tries] for n, tries in chains(study.trials).items()}
 
