@@ -30,17 +30,23 @@ def load_member(path: str | Path, weight: float, labels: list[str], max_length: 
 
 
 @torch.no_grad()
+def batched_logits(network: torch.nn.Module, tokenizer, texts: list[str], batch_size: int,
+                   max_length: int) -> np.ndarray:
+    """``network``'s logits for ``texts`` as float64, in batches of ``batch_size`` truncated to ``max_length``."""
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
+                          return_tensors="pt")
+        parts.append(network(**batch).logits.double().numpy())
+    return np.concatenate(parts)
+
+
 def predict_proba(members: list[Member], texts: list[str], batch_size: int = 64) -> np.ndarray:
     """Weighted average of the members' class probabilities, shape (len(texts), n_classes), float64."""
     total = None
     for member in members:
-        parts = []
-        for start in range(0, len(texts), batch_size):
-            batch = member.tokenizer(texts[start:start + batch_size], truncation=True, max_length=member.max_length,
-                                     padding=True, return_tensors="pt")
-            logits = member.model(**batch).logits.double()
-            parts.append(torch.softmax(logits, dim=-1).numpy())
-        probs = np.concatenate(parts) * member.weight
+        logits = batched_logits(member.model, member.tokenizer, texts, batch_size, member.max_length)
+        probs = torch.softmax(torch.from_numpy(logits), dim=-1).numpy() * member.weight
         total = probs if total is None else total + probs
     return total / sum(m.weight for m in members)
 

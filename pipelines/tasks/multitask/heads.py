@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from transformers import AutoTokenizer
 
+from pipelines.inference import batched_logits
 from pipelines.models import ModelError
 from pipelines.tasks.classification.task import class_counts, softmax
 from pipelines.tasks.multitask.model import MultitaskConfig, MultitaskModel
@@ -40,17 +40,12 @@ def heads_of(member: Member) -> tuple[list[str], list[list[str]]]:
     return list(member.network.config.label_columns), [list(labels) for labels in member.network.config.head_labels]
 
 
-@torch.no_grad()
 def head_probabilities(members: list[Member], texts: list[str], batch_size: int) -> list[np.ndarray]:
     """Per head, the members' weighted average class probabilities (rows x classes, float64)."""
     total = None
     for member in members:
-        parts = []
-        for start in range(0, len(texts), batch_size):
-            batch = member.tokenizer(texts[start:start + batch_size], truncation=True, max_length=member.max_length,
-                                     padding=True, return_tensors="pt")
-            parts.append(member.network(**batch).logits.double().numpy())
-        heads = [member.weight * softmax(head) for head in per_head(np.concatenate(parts), member.network.config)]
+        logits = batched_logits(member.network, member.tokenizer, texts, batch_size, member.max_length)
+        heads = [member.weight * softmax(head) for head in per_head(logits, member.network.config)]
         total = heads if total is None else [t + h for t, h in zip(total, heads)]
     weight = sum(m.weight for m in members)
     return [t / weight for t in total]
